@@ -1,6 +1,17 @@
 """timm-kd: knowledge distillation for timm image models."""
+from .hub import push_to_hub, save_pretrained, validate_repo_id
 from .losses import create_loss, list_losses, register_loss
+from .wrapper import DistillWrapper
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "create_loss", "list_losses", "register_loss"]
+__all__ = [
+    "DistillWrapper",
+    "__version__",
+    "create_loss",
+    "list_losses",
+    "register_loss",
+    "push_to_hub",
+    "save_pretrained",
+    "validate_repo_id",
+]

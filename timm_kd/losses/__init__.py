@@ -17,6 +17,15 @@ from ._registry import (
     list_losses,
     register_loss,
 )
+from .ats import (
+    ATSLoss,
+    ISATSLoss,
+    ats_target_probs,
+    isats_candidates,
+    isats_select_tau_wrong,
+    label_gap,
+    wrong_class_moments,
+)
 from .kd import KDLoss, kd_term
 from .standardize import standardize_logits
 

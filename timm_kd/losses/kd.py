@@ -43,7 +43,8 @@ class KDLoss(DistillLoss):
             setting and timm's ``--kd-temperature`` default).
         ce_weight: weight of cross-entropy with the labels (0.1, mdistiller's CIFAR-100 KD setting,
             which gives its published 73.33 % for ResNet32x4 -> ResNet8x4).
-        kd_weight: weight of the KD term (0.9, same source).
+        kd_weight: weight of the KD term (0.9, same source). mdistiller's ImageNet ResNet34 ->
+            ResNet18 config uses ``tau=1, ce_weight=0.5, kd_weight=0.5`` (71.03 %).
         logit_standardize: z-score both logit vectors before the softmax (Sun et al. 2024).
         check_inputs: validate labels and finiteness on every call (one host sync).
     """

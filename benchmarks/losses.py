@@ -1,0 +1,111 @@
+"""Forward + backward time of every registered loss, as a ratio to plain cross-entropy.
+
+All candidates are timed side by side in one run: after a warm-up, each repeat times every
+candidate once, in a rotating order, and the table reports each candidate's median. The ratio is
+what matters (the absolute times depend on the machine and its load). Target: every loss within 3x
+of ``F.cross_entropy``.
+
+    python benchmarks/losses.py                       # B = 256, C = 1000, on CPU
+    python benchmarks/losses.py --batch-size 64 --num-classes 100 --repeats 50
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from timm_kd.losses import create_loss, list_losses
+
+EPOCH = 30.0  # past every default warm-up, so the warm-up losses compute all their terms
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=256, help="rows of logits (default: 256)")
+    p.add_argument("--num-classes", type=int, default=1000, help="columns of logits (default: 1000)")
+    p.add_argument("--repeats", type=int, default=30, help="timed repeats per candidate (default: 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed repeats first (default: 5)")
+    p.add_argument("--inner", type=int, default=5, help="forward+backward passes per timing (default: 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--losses", nargs="*", default=None, help="names to time (default: every registered loss)")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "num_classes", "repeats", "inner"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def make_candidates(
+    names: list[str], student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """``{label: fn}``, each fn returning the scalar to backpropagate."""
+    cands: dict[str, Callable[[], torch.Tensor]] = {"cross_entropy": lambda: F.cross_entropy(student, target)}
+    for name in names:
+        for checks in (True, False):
+            try:
+                loss_fn = create_loss(name, check_inputs=checks)
+            except TypeError:  # a plug-in without the check_inputs switch
+                if not checks:
+                    continue
+                loss_fn = create_loss(name)
+            label = name if checks else f"{name} (check_inputs=False)"
+            cands[label] = lambda f=loss_fn: f(student, teacher, target, epoch=EPOCH)["loss"]
+    return cands
+
+
+def time_candidates(
+    cands: dict[str, Callable[[], torch.Tensor]], student: torch.Tensor, repeats: int, warmup: int, inner: int
+) -> dict[str, list[float]]:
+    """Seconds per forward+backward, ``repeats`` samples per candidate, interleaved."""
+    labels = list(cands)
+    times: dict[str, list[float]] = {k: [] for k in labels}
+    for r in range(warmup + repeats):
+        shift = r % len(labels)
+        for label in labels[shift:] + labels[:shift]:  # rotate the order so no candidate always goes first
+            fn = cands[label]
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                student.grad = None
+                fn().backward()
+            dt = (time.perf_counter() - t0) / inner
+            if r >= warmup:
+                times[label].append(dt)
+    return times
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    b, c = args.batch_size, args.num_classes
+    student = (torch.randn(b, c) * 3).requires_grad_(True)
+    teacher = torch.randn(b, c) * 3 + 2.0
+    target = torch.randint(0, c, (b,))
+    names = args.losses if args.losses else list_losses()
+    cands = make_candidates(names, student, teacher, target)
+    times = time_candidates(cands, student, args.repeats, args.warmup, args.inner)
+    base = statistics.median(times["cross_entropy"])
+    lines = [
+        f"forward+backward on CPU, B={b}, C={c}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} interleaved repeats x {args.inner} passes",
+        "",
+        "| loss | median ms | ratio to cross-entropy | within 3x |",
+        "|---|---:|---:|:---:|",
+    ]
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        ratio = med / base
+        ok = "yes" if ratio <= 3.0 else "**no**"
+        lines.append(f"| {label} | {med * 1e3:.3f} | {ratio:.2f} | {ok} |")
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

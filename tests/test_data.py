@@ -1,0 +1,370 @@
+"""timm_kd.data: the embedded dataset, loading local folders / Hub ids, bad input, loaders."""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import datasets
+import numpy as np
+import pytest
+import timm
+import torch
+from _data_utils import write_image, write_image_folder, write_truncated_jpeg
+
+from timm_kd import data as D
+
+SMALL = {"num_train": 600, "num_test": 300}  # small splits keep the tests fast
+
+
+def _pixels(ds: datasets.Dataset) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in ds["image"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# the embedded dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def test_digits_fast_path_matches_sklearn():
+    from sklearn.datasets import load_digits
+
+    images, target = D._load_digits()
+    digits = load_digits()
+    np.testing.assert_allclose(images, digits.images / 16.0, atol=1e-7)
+    np.testing.assert_array_equal(target, digits.target)
+
+
+def test_embedded_features_and_shape():
+    ds = D.make_embedded_dataset("train", **SMALL)
+    assert len(ds) == 600
+    assert isinstance(ds.features["image"], datasets.Image)
+    label = ds.features["label"]
+    assert isinstance(label, datasets.ClassLabel)
+    assert label.num_classes == 100 and label.names[:3] == ["00", "01", "02"] and label.names[-1] == "99"
+    image = ds[0]["image"]
+    assert image.mode == "RGB" and image.size == (32, 32)
+    # balanced classes: 600 images, 6 per class
+    assert np.bincount(ds["label"], minlength=100).tolist() == [6] * 100
+    assert D.get_label_names(ds) == D.EMBEDDED_CLASS_NAMES and D.get_num_classes(ds) == 100
+    big = D.make_embedded_dataset("test", image_size=48, num_test=10)
+    assert big[0]["image"].size == (48, 48)
+
+
+def test_embedded_is_deterministic_from_seed():
+    a = D.make_embedded_dataset("train", seed=3, **SMALL)
+    b = D.make_embedded_dataset("train", seed=3, **SMALL)
+    c = D.make_embedded_dataset("train", seed=4, **SMALL)
+    assert a.data.table.equals(b.data.table)  # byte for byte, PNGs included
+    assert a["label"] != c["label"]
+    assert not np.array_equal(_pixels(a), _pixels(c))
+
+
+def test_embedded_train_and_test_use_disjoint_digit_images():
+    _, target = D._load_digits()
+    pools = D.embedded_source_pools(seed=0, num_source_digits=150)
+    assert set(pools["train"]).isdisjoint(pools["test"])
+    assert len(pools["train"]) == 150 and len(set(pools["train"])) == 150
+    assert np.bincount(target[pools["train"]], minlength=10).tolist() == [15] * 10
+    assert len(pools["test"]) == 599  # a third of each digit's images
+    everything = D.embedded_source_pools(seed=0, num_source_digits=None)
+    assert len(everything["train"]) == 1797 - 599
+    assert set(pools["train"]) <= set(everything["train"])  # more source digits = a superset
+
+    train = D.make_embedded_dataset("train", with_sources=True, num_train=1500, num_test=10)
+    test = D.make_embedded_dataset("test", with_sources=True, num_train=10, num_test=600)
+    train_sources = set(train["source_left"]) | set(train["source_right"])
+    test_sources = set(test["source_left"]) | set(test["source_right"])
+    assert train_sources == set(pools["train"].tolist())  # 1,500 pairs use all 150 images
+    assert test_sources <= set(pools["test"].tolist())
+    assert train_sources.isdisjoint(test_sources)
+    for ds in (train, test):  # each image shows its label's digits
+        labels = np.asarray(ds["label"])
+        np.testing.assert_array_equal(target[ds["source_left"]], labels // 10)
+        np.testing.assert_array_equal(target[ds["source_right"]], labels % 10)
+
+
+def test_embedded_same_sources_render_identically_without_noise_and_shift():
+    ds = D.make_embedded_dataset("train", noise=0.0, max_shift=0, with_sources=True, num_train=2000)
+    pairs = list(zip(ds["source_left"], ds["source_right"]))
+    first = {}
+    for i, pair in enumerate(pairs):
+        if pair in first:
+            np.testing.assert_array_equal(np.asarray(ds[i]["image"]), np.asarray(ds[first[pair]]["image"]))
+            break
+        first[pair] = i
+    else:
+        pytest.fail("no repeated pair among 2,000 draws from 150 x 150 source images")
+
+
+def _one_nn_accuracy(**kwargs) -> float:
+    train = D.make_embedded_dataset("train", num_train=1000, **kwargs)
+    test = D.make_embedded_dataset("test", num_test=300, **kwargs)
+    x = _pixels(train)[..., 0].reshape(len(train), -1).astype(np.float32) / 255
+    y = _pixels(test)[..., 0].reshape(len(test), -1).astype(np.float32) / 255
+    distances = (y**2).sum(1)[:, None] - 2 * y @ x.T + (x**2).sum(1)[None]
+    predicted = np.asarray(train["label"])[distances.argmin(1)]
+    return float((predicted == np.asarray(test["label"])).mean())
+
+
+def test_difficulty_knobs_make_the_task_harder():
+    """A 1-nearest-neighbour classifier on pixels: clean shifted-free digits from the whole pool are
+    far easier than the default's few noisy, shifted source digits."""
+    easy = _one_nn_accuracy(num_source_digits=None, noise=0.0, max_shift=0)
+    default = _one_nn_accuracy()
+    assert easy > default + 0.2, (easy, default)
+    noisy = D.make_embedded_dataset("test", num_test=50, noise=0.5)
+    clean = D.make_embedded_dataset("test", num_test=50, noise=0.0)
+    assert _pixels(noisy)[:, :4].std() > 3 * _pixels(clean)[:, :4].std()  # the empty top rows
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_source_digits": 5}, "num_source_digits must be an int from 10"),
+        ({"num_source_digits": 5000}, "to 1198"),
+        ({"noise": -1.0}, "noise must be"),
+        ({"image_size": 15}, "image_size must be an even int"),
+        ({"split": "validation"}, "splits 'train' and 'test'"),
+        ({"seed": -1}, "seed must be a non-negative int"),
+    ],
+)
+def test_embedded_bad_arguments(kwargs, match):
+    split = kwargs.pop("split", "train")
+    with pytest.raises(ValueError, match=match):
+        D.make_embedded_dataset(split, **kwargs, num_train=10)
+
+
+def test_load_embedded_by_name():
+    test = D.load_image_dataset("embedded", "validation", embedded_kwargs={"num_test": 200})
+    assert len(test) == 200 and test.split == "test"
+    with pytest.raises(ValueError, match="available splits: train, test"):
+        D.load_image_dataset("embedded", "holdout")
+    with pytest.raises(ValueError, match="only apply to the 'embedded' dataset"):
+        D.load_image_dataset("uoft-cs/cifar100", "train", embedded_kwargs={"seed": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# local folders, Hub ids, bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_image_folder_with_png_and_jpeg(tmp_path):
+    counts = write_image_folder(str(tmp_path), {"cat": 3, "dog": 2, "eel": 2})
+    train = D.load_image_dataset(str(tmp_path), "train")
+    assert len(train) == counts["train"] == 7
+    assert D.get_label_names(train) == ["cat", "dog", "eel"]
+    assert train.column_names == ["image", "label"]
+    assert sorted(train["label"]) == [0, 0, 0, 1, 1, 2, 2]
+    assert train[0]["image"].size == (24, 20)
+    val = D.load_image_dataset(str(tmp_path), "val")  # alias of "validation"
+    assert len(val) == counts["validation"]
+    with pytest.raises(ValueError, match=r"no split 'test'; available splits: train, validation"):
+        D.load_image_dataset(str(tmp_path), "test")
+    D.check_labels(train, 3)
+
+
+def test_image_folder_without_class_folders_and_without_images(tmp_path):
+    for i in range(3):
+        write_image(str(tmp_path / "flat" / f"{i}.png"), i)
+    with pytest.raises(ValueError, match="no labels.*one sub-folder per class"):
+        D.load_image_dataset(str(tmp_path / "flat"), "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="found no images"):
+        D.load_image_dataset(str(tmp_path / "empty"), "train")
+
+
+def test_missing_path_is_not_sent_to_the_hub(tmp_path):
+    for missing in (str(tmp_path / "nope"), "./no/such/folder", "data/imagenet/train", "~/nowhere-xyz"):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            D.load_image_dataset(missing, "train")
+    file = tmp_path / "a.png"
+    write_image(str(file), 0)
+    with pytest.raises(ValueError, match="is a file"):
+        D.load_image_dataset(str(file), "train")
+
+
+def test_hub_id_offline_fails_fast_with_a_clear_error():
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # set by conftest.py
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"could not load dataset 'timm-kd-tests/no-such-set'.*HF_HUB_OFFLINE"):
+        D.load_image_dataset("timm-kd-tests/no-such-set", "train")
+    with pytest.raises(RuntimeError, match="from the Hugging Face Hub"):
+        D.load_image_dataset("imagenet-1k", "validation", streaming=True)
+    assert time.perf_counter() - start < 30  # no network wait
+
+
+def test_saved_dataset_columns_detected_and_empty_split(tmp_path):
+    image = datasets.Image()
+    rows = {
+        "img": [image.encode_example(np.zeros((4, 4, 3), np.uint8)) for _ in range(4)],
+        "coarse_label": [0, 0, 1, 1],
+        "fine_label": [0, 1, 2, 3],
+    }
+    features = datasets.Features(
+        img=image,
+        coarse_label=datasets.ClassLabel(names=["a", "b"]),
+        fine_label=datasets.ClassLabel(names=["a0", "a1", "b0", "b1"]),
+    )
+    empty = datasets.Dataset.from_dict({k: [] for k in rows}, features=features)
+    splits = datasets.DatasetDict(train=datasets.Dataset.from_dict(rows, features=features), test=empty)
+    splits.save_to_disk(str(tmp_path / "saved"), num_shards={"train": 1, "test": 1})
+    train = D.load_image_dataset(str(tmp_path / "saved"), "train")
+    assert train.column_names == ["image", "label"]  # img -> image, fine_label (not coarse) -> label
+    assert D.get_label_names(train) == ["a0", "a1", "b0", "b1"]
+    with pytest.raises(ValueError, match="split 'test' of dataset .* is empty"):
+        D.load_image_dataset(str(tmp_path / "saved"), "test")
+
+    odd = datasets.Dataset.from_dict(
+        {"pixels": rows["img"], "y": [0, 1, 0, 1]}, features=datasets.Features(pixels=image, y=datasets.Value("int64"))
+    )
+    odd.save_to_disk(str(tmp_path / "odd"))
+    with pytest.raises(ValueError, match=r"which column .* holds the labels.*label_column="):
+        D.load_image_dataset(str(tmp_path / "odd"), "train")
+    with pytest.raises(ValueError, match="image_column='picture' is not a column"):
+        D.load_image_dataset(str(tmp_path / "odd"), "train", image_column="picture", label_column="y")
+    loaded = D.load_image_dataset(str(tmp_path / "odd"), "train", label_column="y")
+    assert loaded.column_names == ["image", "label"] and D.get_num_classes(loaded) == 2
+
+
+def test_check_labels_errors():
+    ds = D.make_embedded_dataset("test", num_test=100)
+    D.check_labels(ds, 100)
+    with pytest.raises(ValueError, match="has 100 classes .* model has 10 outputs; create the model with num_classes=100"):
+        D.check_labels(ds, 10, name="embedded/test")
+    plain = datasets.Dataset.from_dict({"image": [None] * 3, "label": [0, 7, 2]})
+    with pytest.raises(ValueError, match="labels up to 7 .* num_classes=8"):
+        D.check_labels(plain, 5)
+    unlabelled = datasets.Dataset.from_dict({"image": [None] * 2, "label": [-1, -1]})
+    with pytest.raises(ValueError, match="negative labels.*unlabelled split"):
+        D.check_labels(unlabelled, 1000)
+    # only the rows a view selects are checked
+    D.check_labels(plain.select([0, 2]), 3)
+
+
+def test_corrupt_jpeg_error_and_skip_policies(tmp_path):
+    write_image_folder(str(tmp_path), {"cat": 3, "dog": 3}, splits=("train",))
+    bad_path = tmp_path / "train" / "dog" / "broken.jpg"
+    write_truncated_jpeg(str(bad_path))
+    train = D.load_image_dataset(str(tmp_path), "train")
+    assert len(train) == 7
+
+    with pytest.raises(ValueError, match=r"1 of 7 images cannot be decoded: image \d+ \(.*broken\.jpg\).*truncated"):
+        D.verify_images(train, progress=False)
+    with pytest.warns(UserWarning, match="skipping 1 corrupt image"):
+        kept, corrupt = D.verify_images(train, on_corrupt="skip", progress=False)
+    assert len(kept) == 6 and len(corrupt) == 1 and "broken.jpg" in corrupt[0][1]
+
+    # during training: the error names the file; "skip" drops it in the collate and counts it
+    with pytest.raises(ValueError, match=r"cannot decode image \d+ \(.*broken\.jpg\).*on_corrupt='skip'"):
+        list(D.create_loader(D.apply_transform(train, None), batch_size=4))
+    loader = D.create_loader(D.apply_transform(train, None, on_corrupt="skip"), batch_size=4, shuffle=True)
+    batches = list(loader)
+    assert sum(b["num_skipped"] for b in batches) == 1
+    assert sum(len(b["label"]) for b in batches) == 6
+    # streaming: the same policies
+    stream = D.load_image_dataset(str(tmp_path), "train", streaming=True)
+    with pytest.raises(ValueError, match="broken.jpg"):
+        list(D.create_loader(D.apply_transform(stream, None), batch_size=4))
+    streamed = list(D.create_loader(D.apply_transform(stream, None, on_corrupt="skip"), batch_size=4))
+    assert sum(len(b["label"]) for b in streamed) == 6
+    with pytest.raises(ValueError, match="on_corrupt must be 'error' or 'skip'"):
+        D.apply_transform(train, None, on_corrupt="ignore")
+
+
+def test_collate_rejects_an_all_corrupt_batch():
+    with pytest.raises(ValueError, match="all 2 images of a batch are corrupt"):
+        D.collate_images([{"pixel_values": None, "label": 0, "index": 3}] * 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms and loaders
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded_small():
+    return D.make_embedded_dataset("train", num_train=64)
+
+
+@pytest.fixture(scope="module")
+def train_transform():
+    model = timm.create_model("test_resnet", num_classes=100)
+    return D.create_timm_transform(model, is_training=True, dataset_name="embedded")
+
+
+def _epoch(loader, epoch):
+    loader.sampler.set_epoch(epoch)
+    return [(b["index"].clone(), b["pixel_values"].clone()) for b in loader]
+
+
+def test_timm_transform_for_the_embedded_dataset(train_transform):
+    model = timm.create_model("test_resnet", num_classes=100)
+    config = D.resolve_model_data_config(model, dataset_name="embedded")
+    assert config["input_size"] == (3, 32, 32) and config["crop_pct"] == 1.0
+    assert D.resolve_model_data_config(model)["input_size"] == (3, 160, 160)  # timm's own default
+    text = repr(train_transform)
+    assert "RandomHorizontalFlip" not in text and "size=(32, 32)" in text
+    evaluation = D.create_timm_transform(model, is_training=False, dataset_name="embedded")
+    image = D.make_embedded_dataset("test", num_test=1)[0]["image"]
+    assert evaluation(image).shape == (3, 32, 32)
+
+
+def test_loader_is_a_pure_function_of_the_seed(embedded_small, train_transform):
+    def make(seed, workers=0):
+        return D.create_loader(
+            D.apply_transform(embedded_small, train_transform, seed=seed),
+            batch_size=16, shuffle=True, seed=seed, num_workers=workers,
+        )
+
+    first, again, other = make(0), make(0), make(1)
+    epoch0 = _epoch(first, 0)
+    for (i_a, x_a), (i_b, x_b) in zip(epoch0, _epoch(again, 0)):
+        assert torch.equal(i_a, i_b) and torch.equal(x_a, x_b)
+    assert not torch.equal(epoch0[0][0], _epoch(other, 0)[0][0])
+    epoch1 = _epoch(first, 1)
+    assert not torch.equal(epoch0[0][0], epoch1[0][0])  # a new order each epoch
+    assert sorted(torch.cat([i for i, _ in epoch1]).tolist()) == list(range(64))
+    # a sample's augmented view depends on (seed, epoch, index) only: not on batch position,
+    # not on worker processes, not on batches skipped before it (resume)
+    index, pixels = epoch1[2][0][5].item(), epoch1[2][1][5]
+    assert torch.equal(first.dataset[(index, 1)]["pixel_values"], pixels)
+    assert not torch.equal(first.dataset[(index, 0)]["pixel_values"], pixels)
+    with_worker = _epoch(make(0, workers=1), 1)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(epoch1, with_worker))
+
+
+def test_loader_leaves_global_rngs_alone(embedded_small, train_transform):
+    loader = D.create_loader(D.apply_transform(embedded_small, train_transform), batch_size=32, shuffle=True)
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    list(loader)
+    after = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    assert torch.equal(after[0], torch.rand(3)) and after[1] == random.random() and after[2] == np.random.rand()
+
+
+def test_sampler_epochs_and_accelerate_style_set_epoch():
+    sampler = D.SeededSampler(10, shuffle=True, seed=7)
+    first = list(sampler)
+    assert {e for _, e in first} == {0} and sorted(i for i, _ in first) == list(range(10))
+    second = list(sampler)  # a full pass advances the epoch
+    assert {e for _, e in second} == {1} and second != first
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+    assert [i for i, _ in D.SeededSampler(5, shuffle=False)] == [0, 1, 2, 3, 4]
+
+
+def test_streaming_matches_map_style(embedded_small):
+    stream = D.load_image_dataset("embedded", "train", streaming=True, embedded_kwargs={"num_train": 64})
+    assert isinstance(stream, datasets.IterableDataset)
+    streamed = list(D.create_loader(D.apply_transform(stream, None), batch_size=32))
+    mapped = list(D.create_loader(D.apply_transform(embedded_small, None), batch_size=32))
+    assert "num_skipped" not in streamed[0]  # Accelerate's dispatcher concatenates tensors only
+    for s, m in zip(streamed, mapped):
+        assert torch.equal(s["label"], m["label"]) and torch.equal(s["pixel_values"], m["pixel_values"])
+    with pytest.raises(TypeError, match="apply_transform"):
+        D.create_loader(embedded_small, batch_size=4)

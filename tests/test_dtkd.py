@@ -1,0 +1,238 @@
+"""DTKD (`dtkd`): the authors' formula where it is defined, the guard where it is not, a real run."""
+import math
+
+import pytest
+import timm
+import torch
+from _losses_utils import (
+    fixed_batch,
+    positive_max_batch,
+    random_batch,
+    ref_dtkd,
+    ref_dtkd_terms,
+    ref_kd,
+    student_grad,
+)
+
+from timm_kd.losses import create_loss, kd_term
+from timm_kd.losses.dtkd import DTKDLoss, dtkd_temperatures, dtkd_term
+
+# From the authors' formula (ref_dtkd in _losses_utils.py) on the fixed batch, float64. All three
+# samples have positive maxima within a factor 4, so the default guard is inactive there.
+GOLDEN_DTKD_TERM = 0.38361228735736175
+GOLDEN_TEMP_TEACHER = [5.714285714285714, 5.882352941176471, 5.161290322580645]
+GOLDEN_TEMP_STUDENT = [2.2857142857142856, 2.1176470588235294, 2.838709677419355]
+GOLDEN_LOSS_EPOCH5 = 1.4016231444259915  # warm-up factor 5/20
+GOLDEN_LOSS_EPOCH30 = 2.9143004064564524  # past the warm-up
+
+
+def test_defaults_are_the_authors():
+    loss = create_loss("dtkd")
+    assert isinstance(loss, DTKDLoss)
+    assert (loss.tau, loss.dtkd_weight, loss.kd_weight, loss.ce_weight, loss.warmup_epochs) == (4, 3, 1, 1, 20)
+    assert loss.max_temp_ratio == 4.0 and loss.logit_standardize is False
+
+
+def test_golden_constants_come_from_the_reference():
+    s, t, y = fixed_batch()
+    term, temp_t, temp_s = ref_dtkd_terms(s, t, 4.0)
+    assert term.item() == pytest.approx(GOLDEN_DTKD_TERM, abs=1e-12)
+    assert temp_t.tolist() == pytest.approx(GOLDEN_TEMP_TEACHER, abs=1e-12)
+    assert temp_s.tolist() == pytest.approx(GOLDEN_TEMP_STUDENT, abs=1e-12)
+    assert ref_dtkd(s, t, y, 5.0).item() == pytest.approx(GOLDEN_LOSS_EPOCH5, abs=1e-12)
+    assert ref_dtkd(s, t, y, 30.0).item() == pytest.approx(GOLDEN_LOSS_EPOCH30, abs=1e-12)
+
+
+@pytest.mark.parametrize("max_temp_ratio", [4.0, None])
+def test_golden_values(max_temp_ratio):
+    s, t, y = fixed_batch(torch.float32)
+    loss = create_loss("dtkd", max_temp_ratio=max_temp_ratio)
+    out = loss(s, t, y, epoch=5)
+    assert out["loss"].item() == pytest.approx(GOLDEN_LOSS_EPOCH5, abs=1e-5)
+    assert out["dtkd"].item() == pytest.approx(GOLDEN_DTKD_TERM, abs=1e-6)
+    assert out["warmup"].item() == pytest.approx(0.25)
+    assert out["temp_teacher"].item() == pytest.approx(sum(GOLDEN_TEMP_TEACHER) / 3, abs=1e-6)
+    assert out["temp_student"].item() == pytest.approx(sum(GOLDEN_TEMP_STUDENT) / 3, abs=1e-6)
+    assert loss(s, t, y, epoch=30)["loss"].item() == pytest.approx(GOLDEN_LOSS_EPOCH30, abs=1e-5)
+    _, temp_t, temp_s = dtkd_term(s, t, 4.0, max_temp_ratio)
+    assert temp_t.tolist() == pytest.approx(GOLDEN_TEMP_TEACHER, abs=1e-6)
+    assert temp_s.tolist() == pytest.approx(GOLDEN_TEMP_STUDENT, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("max_temp_ratio", [4.0, None])
+def test_value_and_student_gradient_match_the_authors(seed, max_temp_ratio):
+    """Positive maxima within a factor 2: default guard inactive, temperatures not detached."""
+    s, t, y = positive_max_batch(16, 50, seed=seed)
+    loss_fn = create_loss("dtkd", max_temp_ratio=max_temp_ratio)
+
+    def ours(z):
+        return loss_fn(z.float(), t.float(), y, epoch=12.5)["loss"]
+
+    def ref(z):
+        return ref_dtkd(z, t, y, 12.5)
+
+    assert ours(s).item() == pytest.approx(ref(s).item(), abs=1e-5)
+    torch.testing.assert_close(student_grad(ours, s).double(), student_grad(ref, s), atol=1e-5, rtol=1e-4)
+
+
+def test_temperatures_are_not_detached():
+    """The gradient through x_s in both temperatures is part of the authors' gradient."""
+    s, t, _ = positive_max_batch(8, 20, seed=3)
+    full = student_grad(lambda z: dtkd_term(z, t, 4.0)[0], s)
+
+    def detached(z):
+        temp_t, temp_s = (v.detach() for v in dtkd_term(z, t, 4.0)[1:])
+        kl = torch.softmax(t / temp_t[:, None], -1) * (
+            torch.log_softmax(t / temp_t[:, None], -1) - torch.log_softmax(z / temp_s[:, None], -1)
+        )
+        return (kl.sum(-1) * temp_t * temp_s).mean()
+
+    part = student_grad(detached, s)
+    assert (full - part).abs().max() > 1e-3 * full.abs().max()
+
+
+@pytest.mark.parametrize("max_temp_ratio", [4.0, None])
+def test_gradcheck_float64(max_temp_ratio):
+    s, t, _ = positive_max_batch(4, 6, seed=4)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: dtkd_term(z, t, 4.0, max_temp_ratio)[0], (s,))
+
+
+def test_gradcheck_float64_where_the_guard_clamps():
+    s, t, _ = positive_max_batch(4, 6, seed=5)
+    s = (s - s.amax(-1, keepdim=True) + 0.2).requires_grad_(True)  # x_s = 0.2, far below x_t
+    assert torch.autograd.gradcheck(lambda z: dtkd_term(z, t * 3, 4.0)[0], (s,))
+
+
+def test_limit_temperatures_sum_to_2T_and_equal_sharpness():
+    s, t, _ = positive_max_batch(32, 10, seed=6)
+    temp_t, temp_s = dtkd_temperatures(s.amax(-1), t.amax(-1), 4.0)
+    torch.testing.assert_close(temp_t + temp_s, torch.full_like(temp_t, 8.0))
+    torch.testing.assert_close(t.amax(-1) / temp_t, s.amax(-1) / temp_s)  # equal sharpness
+    torch.testing.assert_close(t.amax(-1) / temp_t, (t.amax(-1) + s.amax(-1)) / 8.0)
+    # the guard keeps the sum 2T everywhere, whatever the signs of the maxima
+    s, t, _ = random_batch(64, 10, scale=5.0, seed=7)
+    for ratio in (4.0, None):
+        temp_t, temp_s = dtkd_temperatures(s.amax(-1) - 3.0, t.amax(-1), 4.0, ratio)
+        torch.testing.assert_close(temp_t + temp_s, torch.full_like(temp_t, 8.0))
+
+
+def test_limit_equal_maxima_give_plain_kd():
+    """x_s = x_t: both temperatures are T, so L_DTKD = T^2 KL = KD_T."""
+    s, t, _ = positive_max_batch(8, 12, seed=8)
+    s = s - s.amax(-1, keepdim=True) + t.amax(-1, keepdim=True)
+    term, temp_t, temp_s = dtkd_term(s, t, 4.0)
+    torch.testing.assert_close(temp_t, torch.full_like(temp_t, 4.0))
+    torch.testing.assert_close(term, ref_kd(s, t, 4.0))
+
+
+def test_kd_term_is_kd_py():
+    s, t, y = positive_max_batch(8, 12, seed=9, dtype=torch.float32)
+    out = create_loss("dtkd", warmup_epochs=0)(s, t, y)
+    torch.testing.assert_close(out["kd"], kd_term(s, t, 4.0))
+
+
+@pytest.mark.parametrize(
+    "student_max, teacher_max",
+    [(0.05, 10.0), (1e-9, 10.0), (0.0, 10.0), (-1.0, 10.0), (-2.0, 2.0), (3.0, -3.0), (40.0, 2.0)],
+)
+def test_guard_where_the_authors_formula_breaks(student_max, teacher_max):
+    """Fresh students (x_s ~ 0+), non-positive maxima, x_t + x_s = 0: finite, bounded temperatures."""
+    t = torch.tensor([[teacher_max, teacher_max - 1.0, teacher_max - 3.0, teacher_max - 0.5]])
+    s = torch.tensor([[student_max, student_max - 0.2, student_max - 0.7, student_max - 0.4]])
+    _, ref_t, ref_s = ref_dtkd_terms(s.double(), t.double(), 4.0)
+    normal = student_max > 0 and teacher_max > 0 and 0.25 <= student_max / teacher_max <= 4
+    assert not normal
+    broken = not (0 < ref_s.item() < 8 and 0 < ref_t.item() < 8) or not (1.6 <= ref_s.item() <= 6.4)
+    assert broken  # the authors' temperatures: negative, infinite, NaN, or T_s < 2T/5
+    for ratio, lo in ((4.0, 1.6), (None, 0.0)):
+        temp_t, temp_s = dtkd_temperatures(s.amax(-1), t.amax(-1), 4.0, ratio)
+        for temp in (temp_s.item(), temp_t.item()):
+            assert lo - 1e-6 <= temp <= 8.0 - lo + 1e-6
+        sg = s.clone().requires_grad_(True)
+        out = create_loss("dtkd", max_temp_ratio=ratio)(sg, t, torch.tensor([0]), epoch=30)
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"]) and torch.isfinite(sg.grad).all()
+
+
+def test_guard_clamps_to_the_ratio_band():
+    t = torch.tensor([[10.0, 2.0, 0.0]])
+    s = torch.tensor([[0.05, 0.0, -0.3]])
+    _, ref_s = ref_dtkd_terms(s.double(), t.double(), 4.0)[1:]
+    assert ref_s.item() == pytest.approx(8 * 0.05 / 10.05)  # the authors': 0.04
+    temp_t, temp_s = dtkd_temperatures(s.amax(-1), t.amax(-1), 4.0)  # default ratio 4
+    assert (temp_t.item(), temp_s.item()) == pytest.approx((6.4, 1.6))
+    temp_t, temp_s = dtkd_temperatures(s.amax(-1), t.amax(-1), 4.0, max_temp_ratio=2.0)
+    assert (temp_t.item(), temp_s.item()) == pytest.approx((16 / 3, 8 / 3))
+    temp_t, temp_s = dtkd_temperatures(t.amax(-1), s.amax(-1), 4.0)  # roles swapped
+    assert (temp_t.item(), temp_s.item()) == pytest.approx((1.6, 6.4))
+
+
+def test_zero_logit_student_authors_nan_ours_finite():
+    """A zero-initialised classifier head: x_s = 0 makes the authors' student temperature 0 (0/0)."""
+    s, t, y = torch.zeros(4, 10), torch.randn(4, 10) * 5 + 5, torch.tensor([0, 1, 2, 3])
+    assert torch.isnan(ref_dtkd_terms(s.double(), t.double(), 4.0)[0])
+    for ratio in (4.0, None):
+        out = create_loss("dtkd", max_temp_ratio=ratio, warmup_epochs=0)(s, t, y)
+        assert torch.isfinite(out["loss"])
+
+
+def test_warmup_scales_both_kd_terms_not_ce():
+    s, t, y = positive_max_batch(8, 10, seed=10, dtype=torch.float32)
+    loss = create_loss("dtkd")
+    a, b = loss(s, t, y, epoch=10), loss(s, t, y, epoch=40)
+    assert a["warmup"].item() == 0.5 and b["warmup"].item() == 1.0
+    kd_part = 3 * b["dtkd"] + 1 * b["kd"]
+    torch.testing.assert_close(a["loss"], 0.5 * kd_part + a["ce"])
+    torch.testing.assert_close(b["loss"], kd_part + b["ce"])
+    torch.testing.assert_close(loss(s, t, y, epoch=2.5)["loss"], 0.125 * kd_part + a["ce"])  # fractional epoch
+    out = create_loss("dtkd", warmup_epochs=0)(s, t, y)  # no warm-up: no epoch needed
+    torch.testing.assert_close(out["loss"], kd_part + out["ce"])
+
+
+def test_missing_epoch_names_the_fix():
+    s, t, y = positive_max_batch(2, 5, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"warm-up of 20 epochs.*epoch=epoch.*warmup_epochs=0"):
+        create_loss("dtkd")(s, t, y)
+
+
+def test_logit_standardize_option():
+    s, t, y = random_batch(8, 20, seed=11)
+    out = create_loss("dtkd", logit_standardize=True, warmup_epochs=0)(s.float(), t.float(), y)
+    z = lambda v: (v - v.mean(-1, keepdim=True)) / (v.std(-1, keepdim=True) + 1e-7)  # noqa: E731
+    assert out["dtkd"].item() == pytest.approx(ref_dtkd_terms(z(s), z(t), 4.0)[0].item(), abs=1e-5)
+    assert out["kd"].item() == pytest.approx(ref_kd(z(s), z(t), 4.0).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tau": 0.0}, "tau must be a finite number > 0"),
+        ({"tau": -4.0}, "Temperatures divide the logits"),
+        ({"dtkd_weight": -3.0}, "dtkd_weight must be a finite number >= 0"),
+        ({"kd_weight": -1.0}, "kd_weight"),
+        ({"ce_weight": -1.0}, "ce_weight"),
+        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"max_temp_ratio": 0.5}, "max_temp_ratio must be a finite number >= 1.*None for the authors'"),
+        ({"max_temp_ratio": math.inf}, "max_temp_ratio must be a finite number"),
+        ({"max_temp_ratio": 0.0}, "max_temp_ratio"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_loss("dtkd", **kwargs)
+
+
+def test_bad_inputs_fail_with_the_fix():
+    loss = create_loss("dtkd")
+    s, t, _ = positive_max_batch(3, 5, dtype=torch.float32)
+    y = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="teacher_logits shape"):
+        loss(s, t[:2], y, epoch=1)
+    with pytest.raises(ValueError, match=r"label -1 is outside \[0, 5\)"):
+        loss(s, t, torch.tensor([0, -1, 2]), epoch=1)
+    with pytest.raises(FloatingPointError, match="student_logits contain NaN"):
+        loss(s.clone().fill_(float("nan")), t, y, epoch=1)
+    with pytest.raises(ValueError, match="epoch must be a finite number"):
+        loss(s, t, y, epoch=float("nan"))

@@ -1,0 +1,607 @@
+"""The frozen teacher: model creation, freezing, input adapters and the label map.
+
+``Teacher`` wraps any timm model (or any ``nn.Module`` returning logits) so that it can be called
+on the *student's* batch and return logits for the *student's* classes::
+
+    images (normalized for the student, any size)
+        -> [resize]       to the teacher's input size, in pixel space, as PIL does
+        -> [normalize]    from the student's mean/std to the teacher's
+        -> teacher model  (eval, frozen, torch.inference_mode, optional dtype / channels_last / compile)
+        -> [class map]    teacher logits[:, class_map]  (one teacher class per student class)
+
+Each adapter switches itself on only where needed and says so once through ``logging``.
+
+Resize (``adapt_resolution``). With ``x`` the student's input, ``m_s, s_s`` its mean/std and
+``m_t, s_t`` the teacher's::
+
+    p  = x * s_s + m_s                                  back to pixel values in [0, 1]
+    p' = clamp(resize_h(clamp(resize_w(p), 0, 1)), 0, 1) separable, width first, antialiased
+    x' = (p' - m_t) / s_t
+
+``PIL.Image.resize`` (which timm's eval transform calls) resamples width then height, with
+antialiasing when shrinking, and stores each pass in uint8, so it clamps to the pixel range after
+each pass. ``torch.nn.functional.interpolate(antialias=True)`` uses PIL's kernels (bicubic with
+a = -0.5). Doing the same two clamped passes gives, on an image already at the student's
+resolution, the tensor timm's own transform gives the teacher up to PIL's uint8 rounding (at most
+~1.1/255 per pixel; tested). Without the intermediate clamp, bicubic overshoot at hard edges
+differs by up to ~17/255. Residual differences that no adapter can remove, measured on a
+96x80 test image (pixel units, mean abs):
+
+* the image is larger than the student's input: the teacher's own transform resamples the
+  original once, the adapter resamples the student's already resampled view (64 -> 32 px:
+  about 0.6/255 on average);
+* the teacher's resolution is higher than the student's: detail lost at the student's resolution
+  cannot come back (32 -> 64 px: about 3/255 on average);
+* different ``crop_pct``: the teacher is shown the student's *view* (the same crop), not the
+  center crop its own eval transform would cut (crop_pct 0.9 vs 0.8: about 32/255 on average).
+  This is deliberate: in distillation the teacher must judge the very crop the student sees.
+
+Values outside [0, 1] (bicubic overshoot, random-erasing noise) are clamped on the resize path,
+as a PIL image would; the normalization-only path is a pure affine map and clamps nothing.
+
+Normalize (``adapt_normalization``): ``x' = x * (s_s / s_t) + (m_s - m_t) / s_t``, exact.
+
+Label map (``class_map``): for a teacher whose classes are a superset of the student's (an
+ImageNet-1k teacher on a 100-class subset), ``class_map[i]`` is the teacher's index of student
+class ``i``. The teacher's logits are restricted to those columns, so its softmax is renormalized
+over the student's classes.
+
+The teacher is frozen (``requires_grad=False``), stays in eval mode whatever ``train()`` is called
+with, and runs under ``torch.inference_mode()``; its logits are cloned out of inference mode, so
+losses can save them for the student's backward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "Teacher",
+    "resolve_model",
+    "model_num_classes",
+    "model_in_chans",
+    "resize_like_pil",
+    "class_mismatch_error",
+    "channel_mismatch_error",
+]
+
+_logger = logging.getLogger(__name__)
+
+# timm interpolation names -> F.interpolate modes. PIL's 'nearest' samples like 'nearest-exact'.
+_INTERP_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest-exact"}
+
+
+# --------------------------------------------------------------------------------------------------
+# model creation
+
+
+def model_num_classes(model: nn.Module) -> int | None:
+    """Number of classes a classifier predicts: timm's ``num_classes``, else its classifier's width."""
+    model = _unwrap(model)
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
+        if isinstance(head, nn.Linear):
+            return head.out_features
+    return None
+
+
+def model_in_chans(model: nn.Module) -> int | None:
+    """Input channels: timm's ``in_chans``, else the ``in_channels`` of the first convolution."""
+    model = _unwrap(model)
+    n = getattr(model, "in_chans", None)
+    if isinstance(n, int):
+        return n
+    for m in model.modules():
+        c = getattr(m, "in_channels", None)
+        if isinstance(c, int):
+            return c
+    return None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    from timm.utils import unwrap_model
+
+    return unwrap_model(model)
+
+
+def _classifier_keys(model: nn.Module) -> list[str]:
+    """State-dict prefixes of the classifier(s): from ``pretrained_cfg['classifier']`` or the head module."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("classifier")
+    if names:
+        return list(names) if isinstance(names, (list, tuple)) else [names]
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
+        for name, m in model.named_modules():
+            if m is head and name:
+                return [name]
+    return []
+
+
+def _load_checkpoint_file(path: str | os.PathLike, role: str) -> dict[str, torch.Tensor]:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{role}_checkpoint={path!r} is a folder. Pass the weights file (model.safetensors), or, for "
+            f"a folder written by timm's save_for_hf / timm_kd.hub.save_pretrained, pass "
+            f"{role}='local-dir:{path}'."
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{role}_checkpoint: no file at {path!r}")
+    from timm.models import load_state_dict
+
+    # safetensors files are read as such; anything else goes through torch.load(weights_only=True).
+    return load_state_dict(path, use_ema=True, weights_only=True)
+
+
+def resolve_model(
+    model: str | nn.Module,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    replace_head: bool = False,
+    role: str = "model",
+    **kwargs: Any,
+) -> nn.Module:
+    """A ready model from an ``nn.Module`` or a timm name.
+
+    Names go to ``timm.create_model`` unchanged, so registry names, ``name.tag``, ``hf-hub:org/repo``
+    and ``local-dir:/path`` all work, with ``pretrained`` and ``kwargs`` (``in_chans``, ``img_size``...).
+
+    ``checkpoint`` (a ``.safetensors`` file, or a torch file read with ``weights_only=True``; EMA
+    weights are preferred where the file has them) replaces the pretrained weights: nothing is
+    downloaded. Its class count comes from the checkpoint's classifier, so a fine-tuned 100-class
+    checkpoint loads as a 100-class model. If ``num_classes`` asks for another count, the head is
+    re-initialized when ``replace_head`` (a student starting from other weights), else it is an
+    error (a teacher's classifier is what it teaches). Loading is strict otherwise.
+    """
+    if isinstance(model, nn.Module):
+        if checkpoint is not None or kwargs:
+            raise ValueError(
+                f"{role}: a checkpoint and model kwargs ({sorted(kwargs)}) apply only when the {role} is a "
+                f"model name; load the weights into your module before passing it."
+            )
+        have = model_num_classes(model)
+        if num_classes is not None and have is not None and num_classes != have:
+            raise ValueError(
+                f"{role}: num_classes={num_classes} was given but the {role} module predicts {have} classes. "
+                f"Call {role}.reset_classifier({num_classes}) before passing it, or pass the model name "
+                f"instead of the module."
+            )
+        return model
+    if not isinstance(model, str):
+        raise TypeError(f"{role} must be a timm model name or an nn.Module, got {type(model).__name__}")
+
+    import timm
+
+    net = timm.create_model(
+        model, pretrained=bool(pretrained) and checkpoint is None, num_classes=num_classes, **kwargs
+    )
+    if checkpoint is None:
+        return net
+    state = _load_checkpoint_file(checkpoint, role)
+    ckpt_classes = None
+    heads = _classifier_keys(net)
+    for h in heads:
+        w = state.get(f"{h}.weight")
+        if w is not None and w.ndim >= 1:
+            ckpt_classes = int(w.shape[0])
+            break
+    have = model_num_classes(net)
+    if ckpt_classes is not None and have is not None and ckpt_classes != have:
+        if num_classes is None:
+            net.reset_classifier(ckpt_classes)  # the checkpoint says how many classes it predicts
+        elif replace_head:
+            state = {k: v for k, v in state.items() if not any(k.startswith(f"{h}.") for h in heads)}
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            bad = [k for k in missing if not any(k.startswith(f"{h}.") for h in heads)]
+            if bad or unexpected:
+                raise RuntimeError(
+                    f"{role}_checkpoint {os.fspath(checkpoint)!r} does not fit {model!r}: missing {bad[:5]}, "
+                    f"unexpected {unexpected[:5]}"
+                )
+            _logger.info(
+                "%s: checkpoint head has %d classes; a new %d-class head was initialized",
+                role,
+                ckpt_classes,
+                num_classes,
+            )
+            return net
+        else:
+            raise ValueError(
+                f"{role}_checkpoint {os.fspath(checkpoint)!r} predicts {ckpt_classes} classes but "
+                f"num_classes={num_classes} was asked. A {role}'s classifier cannot be replaced: drop "
+                f"num_classes to keep the checkpoint's {ckpt_classes} classes, and map them with "
+                f"class_map=... if they are a superset of the student's."
+            )
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"{role}_checkpoint {os.fspath(checkpoint)!r} does not fit {model!r} "
+            f"(create kwargs {kwargs}): {e}"
+        ) from None
+    return net
+
+
+def class_mismatch_error(teacher: str, teacher_classes: int, student_classes: int) -> ValueError:
+    """The error for a teacher and student predicting different numbers of classes, with the fixes."""
+    if teacher_classes > student_classes:
+        fix = (
+            f"If the student's classes are a subset of the teacher's, pass class_map=[teacher index of each "
+            f"student class] ({student_classes} entries). Otherwise give the student "
+            f"num_classes={teacher_classes}, or use a teacher fine-tuned on your {student_classes} classes "
+            f"(teacher_checkpoint=...)."
+        )
+    else:
+        fix = (
+            f"The teacher knows fewer classes than the student: fine-tune the teacher on the student's "
+            f"{student_classes} classes first (then pass teacher_checkpoint=...), or give the student "
+            f"num_classes={teacher_classes}."
+        )
+    return ValueError(
+        f"teacher {teacher!r} predicts {teacher_classes} classes but the student predicts {student_classes}. "
+        f"{fix}"
+    )
+
+
+def channel_mismatch_error(teacher: str, teacher_chans: int, student_chans: int) -> ValueError:
+    """The error for a teacher and student taking different numbers of input channels, with the fixes."""
+    return ValueError(
+        f"teacher {teacher!r} takes {teacher_chans}-channel images but the student takes {student_chans}. "
+        f"Create the teacher for {student_chans} channels (timm adapts pretrained stems: "
+        f"DistillWrapper(..., teacher_kwargs={{'in_chans': {student_chans}}}) or "
+        f"timm.create_model(name, pretrained=True, in_chans={student_chans})), or give the student "
+        f"{teacher_chans}-channel inputs."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# adapters
+
+
+def resize_like_pil(
+    pixels: torch.Tensor, size: Sequence[int], interpolation: str = "bicubic"
+) -> torch.Tensor:
+    """Resize ``[B, C, H, W]`` pixel-space images (values in [0, 1]) as ``PIL.Image.resize`` does.
+
+    Separable: width first, then height; antialiased when shrinking (PIL's filter support scales
+    with the reduction); clamped to [0, 1] after each pass, as PIL's uint8 storage does. Only the
+    uint8 rounding is not reproduced. Runs in float32.
+    """
+    mode = _INTERP_MODES.get(interpolation, "bicubic")
+    kw: dict[str, Any] = {"mode": mode}
+    if mode in ("bilinear", "bicubic"):
+        kw.update(antialias=True, align_corners=False)
+    x = pixels.float()
+    h, w = x.shape[-2:]
+    out_h, out_w = int(size[0]), int(size[1])
+    if out_w != w:
+        x = F.interpolate(x, size=(h, out_w), **kw).clamp_(0.0, 1.0)
+    if out_h != h:
+        x = F.interpolate(x, size=(out_h, out_w), **kw).clamp_(0.0, 1.0)
+    return x
+
+
+def _fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The input size a model insists on (a ViT with strict patch embedding), else None."""
+    model = _unwrap(model)
+    pe = getattr(model, "patch_embed", None)
+    if pe is None or getattr(model, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", False):
+        return None
+    size = getattr(pe, "img_size", None)
+    return (int(size[0]), int(size[1])) if size is not None else None
+
+
+def _channels(values: Sequence[float], n: int | None, what: str) -> tuple[float, ...]:
+    v = tuple(float(x) for x in (values if isinstance(values, (list, tuple)) else [values]))
+    if n is not None and len(v) == 1 and n != 1:
+        v = v * n
+    if n is not None and len(v) != n:
+        where = "teacher_data_config" if what.startswith("teacher") else "data_config"
+        raise ValueError(
+            f"{what} has {len(v)} values for {n} input channels: pass DistillWrapper({where}={{'mean': ..., "
+            f"'std': ...}}) with one value per channel (timm's pretrained_cfg keeps 3 for in_chans != 3)."
+        )
+    return v
+
+
+def _as_class_map(class_map: Any, num_student: int | None, num_teacher: int | None) -> torch.Tensor:
+    try:
+        idx = torch.as_tensor(class_map)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"class_map must be a list/tuple/array/tensor of teacher class indices, one per student class; "
+            f"got {type(class_map).__name__}"
+        ) from None
+    if idx.dim() != 1 or idx.numel() == 0 or idx.is_floating_point() or idx.dtype == torch.bool:
+        raise ValueError(
+            f"class_map must be a non-empty 1-d sequence of integer teacher class indices (one per student "
+            f"class), got shape {tuple(idx.shape)} dtype {idx.dtype}"
+        )
+    idx = idx.long().cpu()
+    if num_student is not None and idx.numel() != num_student:
+        raise ValueError(
+            f"class_map has {idx.numel()} entries but the student predicts {num_student} classes: give the "
+            f"teacher's class index for each student class, in the student's class order."
+        )
+    if num_teacher is not None and (int(idx.min()) < 0 or int(idx.max()) >= num_teacher):
+        bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+        raise ValueError(f"class_map holds teacher class {bad}, outside [0, {num_teacher}) for this teacher.")
+    uniq, counts = torch.unique(idx, return_counts=True)
+    if (counts > 1).any():
+        k = int(uniq[counts > 1][0])
+        dup = (idx == k).nonzero().flatten().tolist()
+        raise ValueError(
+            f"class_map maps student classes {dup} to the same teacher class {k}; each student class needs "
+            f"its own teacher class."
+        )
+    return idx
+
+
+class Teacher(nn.Module):
+    """A frozen, always-eval teacher called on the student's batch, returning student-class logits.
+
+    Args:
+        model: the teacher network (a timm model, or any module returning ``[B, C]`` logits).
+        input_mean, input_std: normalization of the images it will be called on (the student's data
+            config); None means the teacher's own (no re-normalization).
+        num_classes: classes the returned logits must have (the student's); checked at construction.
+        in_chans: channels of the images it will be called on (the student's); checked at construction.
+        class_map: teacher class index for each student class, when the teacher's classes are a superset.
+        data_config: the teacher's own ``mean``, ``std``, ``input_size``, ``interpolation``; defaults to
+            ``timm.data.resolve_data_config(model=model)`` (its ``pretrained_cfg``).
+        adapt_normalization, adapt_resolution: switch the adapters off (they act only where needed).
+        channels_last: run the teacher in channels-last memory format.
+        compile: ``torch.compile`` the teacher (True, or a dict of ``torch.compile`` kwargs).
+        dtype: keep the teacher's weights in this dtype and run it in it, autocast off (e.g.
+            ``torch.bfloat16`` halves its memory; ``torch.float32`` keeps it exact under a bf16
+            autocast). None follows the caller's autocast. Logits come back as float32.
+        name: for messages.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        input_mean: Sequence[float] | None = None,
+        input_std: Sequence[float] | None = None,
+        num_classes: int | None = None,
+        in_chans: int | None = None,
+        class_map: Any = None,
+        data_config: dict[str, Any] | None = None,
+        adapt_normalization: bool = True,
+        adapt_resolution: bool = True,
+        channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
+        dtype: torch.dtype | None = None,
+        name: str | None = None,
+        verbose: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(model).__name__}")
+        self.name = name or type(_unwrap(model)).__name__
+        self.verbose = verbose
+        self._logged: set[Any] = set()
+        self.model = model
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.training = False
+
+        # -- input channels
+        t_chans = model_in_chans(model)
+        self.in_chans = t_chans
+        if in_chans is not None and t_chans is not None and in_chans != t_chans:
+            raise channel_mismatch_error(self.name, t_chans, in_chans)
+
+        # -- classes
+        t_classes = model_num_classes(model)
+        self.teacher_num_classes = t_classes
+        self.class_map: torch.Tensor | None = None
+        if class_map is not None:
+            self.class_map = _as_class_map(class_map, num_classes, t_classes)
+            self._info(
+                "class_map",
+                "teacher %r: its %s classes mapped to the student's %d with class_map",
+                self.name,
+                t_classes if t_classes is not None else "?",
+                self.class_map.numel(),
+            )
+        elif num_classes is not None and t_classes is not None and num_classes != t_classes:
+            raise class_mismatch_error(self.name, t_classes, num_classes)
+        self.num_classes = (
+            self.class_map.numel() if self.class_map is not None else (t_classes or num_classes)
+        )
+
+        # -- the teacher's own input format
+        if data_config is None:
+            from timm.data import resolve_data_config
+
+            data_config = resolve_data_config(model=_unwrap(model))
+        self.data_config = dict(data_config)
+        n = t_chans or in_chans
+        self.mean = _channels(self.data_config.get("mean", (0.485, 0.456, 0.406)), n, "teacher's mean")
+        self.std = _channels(self.data_config.get("std", (0.229, 0.224, 0.225)), n, "teacher's std")
+        self.input_mean = (
+            _channels(input_mean, n, "the inputs' mean") if input_mean is not None else self.mean
+        )
+        self.input_std = _channels(input_std, n, "the inputs' std") if input_std is not None else self.std
+        if any(s <= 0 for s in self.std + self.input_std):
+            raise ValueError(f"normalization std must be > 0, got teacher {self.std}, input {self.input_std}")
+        fixed = _fixed_input_size(model)
+        cfg_size = self.data_config.get("input_size")
+        self.input_size: tuple[int, int] | None = (
+            fixed if fixed is not None else (tuple(int(s) for s in cfg_size[-2:]) if cfg_size else None)
+        )
+        interp = str(self.data_config.get("interpolation", "bicubic"))
+        self.interpolation = interp if interp in _INTERP_MODES else "bicubic"
+        if adapt_resolution and interp not in _INTERP_MODES:
+            self._info("interp", "teacher %r: interpolation %r resized as 'bicubic'", self.name, interp)
+
+        self.adapt_resolution = bool(adapt_resolution) and self.input_size is not None
+        same = all(
+            math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(self.mean, self.input_mean)
+        ) and all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(self.std, self.input_std))
+        self.adapt_normalization = bool(adapt_normalization)
+        self.renormalize = self.adapt_normalization and not same
+        if self.renormalize:
+            self._info(
+                "norm",
+                "teacher %r expects mean=%s std=%s; inputs use mean=%s std=%s: re-normalizing",
+                self.name,
+                _fmt(self.mean),
+                _fmt(self.std),
+                _fmt(self.input_mean),
+                _fmt(self.input_std),
+            )
+        elif not same:
+            _logger.warning(
+                "teacher %r expects mean=%s std=%s, inputs use mean=%s std=%s, adapt_normalization=False",
+                self.name,
+                _fmt(self.mean),
+                _fmt(self.std),
+                _fmt(self.input_mean),
+                _fmt(self.input_std),
+            )
+        self._consts: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+        # -- execution
+        self.channels_last = bool(channels_last)
+        self.dtype = dtype
+        if dtype is not None:
+            self.model.to(dtype=dtype)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._compiled: nn.Module | None = None
+        if compile:
+            self.compile(**(compile if isinstance(compile, dict) else {}))
+
+    # ---------------------------------------------------------------------------------------------
+    def _info(self, key: Any, msg: str, *args: Any) -> None:
+        """Log ``msg`` once per teacher and ``key``."""
+        if key in self._logged:
+            return
+        self._logged.add(key)
+        if self.verbose:
+            _logger.info(msg, *args)
+
+    def train(self, mode: bool = True) -> Teacher:
+        """The teacher stays in eval mode whatever is asked (BatchNorm statistics never move)."""
+        return super().train(False)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if self.dtype is not None:  # a wrapper-wide .half()/.float() keeps the teacher's chosen dtype
+            self.model.to(dtype=self.dtype)
+        return out
+
+    def compile(self, **compile_kwargs: Any) -> Teacher:  # type: ignore[override]
+        """``torch.compile`` the teacher network (the adapters, a few element-wise ops, stay eager)."""
+        compiled = torch.compile(self.model, **compile_kwargs)
+        object.__setattr__(self, "_compiled", compiled)  # shares self.model's weights; not a submodule
+        return self
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        c = self._consts.get(device)
+        if c is None:
+
+            def t(v):
+                return torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+            m_in, s_in, m_t, s_t = t(self.input_mean), t(self.input_std), t(self.mean), t(self.std)
+            cmap = self.class_map.to(device) if self.class_map is not None else None
+            c = (m_in, s_in, m_t, s_t, s_in / s_t, (m_in - m_t) / s_t, cmap)
+            self._consts[device] = c
+        return c
+
+    def adapt(self, images: torch.Tensor) -> torch.Tensor:
+        """The tensor the teacher network sees for ``images`` (normalized for the student)."""
+        if images.dim() != 4:
+            raise ValueError(
+                f"teacher expects images [batch, channels, height, width], got {tuple(images.shape)}"
+            )
+        if self.in_chans is not None and images.shape[1] != self.in_chans:
+            raise ValueError(
+                f"teacher {self.name!r} takes {self.in_chans}-channel images, got a batch with "
+                f"{images.shape[1]}"
+            )
+        size = tuple(images.shape[-2:])
+        resize = self.adapt_resolution and size != self.input_size
+        if not resize and not self.renormalize:
+            return images
+        m_in, s_in, m_t, s_t, scale, shift, _ = self._constants(images.device)
+        with torch.autocast(images.device.type, enabled=False):
+            if resize:
+                self._info(
+                    ("resize", size),
+                    "teacher %r: resizing inputs %dx%d -> %dx%d (%s)",
+                    self.name,
+                    size[0],
+                    size[1],
+                    self.input_size[0],
+                    self.input_size[1],
+                    self.interpolation,
+                )
+                pixels = torch.addcmul(m_in, images.float(), s_in)
+                pixels = resize_like_pil(pixels, self.input_size, self.interpolation)
+                if self.adapt_normalization:
+                    x = (pixels - m_t) / s_t
+                else:
+                    x = (pixels - m_in) / s_in
+            else:
+                x = torch.addcmul(shift, images.float(), scale)
+        return x.to(images.dtype) if images.is_floating_point() else x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Teacher logits ``[B, num_classes]`` for the student's ``images``; no autograd graph."""
+        model = self.model
+        if model.training:  # someone called teacher.model.train(): undo it before it touches BN statistics
+            model.eval()
+        net = self._compiled if self._compiled is not None else model
+        with torch.inference_mode():
+            x = self.adapt(images)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.dtype is not None:
+                with torch.autocast(x.device.type, enabled=False):
+                    logits = net(x.to(self.dtype))
+            else:
+                logits = net(x)
+            if isinstance(logits, (tuple, list)):
+                logits = logits[0]
+            if self.class_map is not None:
+                logits = logits.index_select(-1, self._constants(logits.device)[-1])
+        # A normal tensor (not an inference tensor): losses may save it for the student's backward.
+        return logits.to(dtype=torch.float32, copy=True) if self.dtype is not None else logits.clone()
+
+    def extra_repr(self) -> str:
+        parts = [f"name={self.name!r}", f"num_classes={self.num_classes}", f"input_size={self.input_size}"]
+        if self.renormalize:
+            parts.append(
+                f"renormalize={_fmt(self.input_mean)}/{_fmt(self.input_std)}->{_fmt(self.mean)}/{_fmt(self.std)}"
+            )
+        if self.class_map is not None:
+            parts.append(f"class_map=[{self.class_map.numel()} of {self.teacher_num_classes}]")
+        if self.dtype is not None:
+            parts.append(f"dtype={self.dtype}")
+        return ", ".join(parts)
+
+
+def _fmt(v: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
