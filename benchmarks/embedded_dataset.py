@@ -92,9 +92,25 @@ def train_alone(model_name: str, embedded_kwargs: dict, args) -> dict:
     return {"model": model_name, "params_m": params, "top1": top1, "train_s": train_time, "build_s": build}
 
 
+def parse_setting(text: str) -> dict:
+    if ":" not in text:
+        if text not in SETTINGS:
+            raise SystemExit(f"unknown setting {text!r}; named settings: {sorted(SETTINGS)}")
+        return SETTINGS[text]
+    kwargs = {}
+    for item in text.split(":", 1)[1].split(","):
+        key, value = item.split("=")
+        kwargs[key] = None if value == "None" else (float(value) if "." in value else int(value))
+    return kwargs
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=["default", "easy"], choices=sorted(SETTINGS))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--settings", nargs="+", default=["default", "easy"],
+                        help=f"named settings {sorted(SETTINGS)} or custom ones written "
+                        f"name:key=value,key=value (e.g. hard:noise=0.5,max_shift=3,num_source_digits=None)")
     parser.add_argument("--student", default="test_resnet", help="small model (timm name)")
     parser.add_argument("--teacher", default="resnet18", help="large model (timm name)")
     parser.add_argument("--epochs", type=int, default=15)
@@ -109,14 +125,17 @@ def main() -> None:
 
     rows = []
     for setting in args.settings:
+        kwargs = parse_setting(setting)
+        setting = setting.split(":")[0]
         for name in (args.student, args.teacher):
-            row = {"setting": setting, **train_alone(name, SETTINGS[setting], args)}
+            row = {"setting": setting, **train_alone(name, kwargs, args)}
             rows.append(row)
-            print(f"{setting:>10} {name:>14}: top-1 {row['top1']:.1f} % in {row['train_s']:.0f} s", flush=True)
+            print(f"{setting:>10} {name:>14}: top-1 {row['top1']:.1f} % in {row['train_s']:.0f} s",
+                  flush=True)
 
     print(f"\n{args.epochs} epochs, AdamW lr {args.lr}, batch {args.batch_size}, CE (label smoothing 0.1), "
           f"{torch.get_num_threads()} threads")
-    print(f"| setting | model | params (M) | top-1 (%) | train time (s) | dataset build (s) |")
+    print("| setting | model | params (M) | top-1 (%) | train time (s) | dataset build (s) |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['setting']} | {r['model']} | {r['params_m']:.2f} | {r['top1']:.1f} | {r['train_s']:.0f} "

@@ -22,10 +22,11 @@ more at 4x the compute. timm's random-resized crop (scale 0.6-1) replaces the pa
 
 Smoke test with the embedded dataset and tiny models (nothing is downloaded):
 
-    accelerate launch recipes/cifar100.py --method dtkd --dataset embedded --val-split test \\
-        --student test_resnet --teacher-arch test_resnet --teacher-epochs 1 --max-train-steps 5 \\
-        --max-eval-steps 2 --num-workers 0 --output-dir runs/smoke_cifar
+    accelerate launch recipes/cifar100.py --method dtkd --dataset embedded --student test_resnet \\
+        --teacher-arch test_resnet --teacher-epochs 1 --max-train-steps 5 --max-eval-steps 2 \\
+        --num-workers 0 --teacher-check warn --output-dir runs/smoke_cifar
 """
+
 import argparse
 import dataclasses
 import os
@@ -40,7 +41,9 @@ METHODS = {
         warmup_lr=0.0,
         loss_kwargs={"tau_correct": 4.0, "tau_wrong": 3.0, "student_tau": 1.0, "kd_weight": 0.5},
     ),
-    "isats": dict(batch_size=128, warmup_epochs=5, warmup_lr=0.0, loss_kwargs={"tau_correct": 4.0, "kd_weight": 0.5}),
+    "isats": dict(
+        batch_size=128, warmup_epochs=5, warmup_lr=0.0, loss_kwargs={"tau_correct": 4.0, "kd_weight": 0.5}
+    ),
     "dtkd": dict(
         batch_size=64,
         loss_kwargs={"tau": 4.0, "dtkd_weight": 3.0, "kd_weight": 1.0, "ce_weight": 1.0, "warmup_epochs": 20},
@@ -75,7 +78,6 @@ def main():
             loss_kwargs={},
             epochs=args.teacher_epochs,
             output_dir=teacher_dir,
-            max_train_steps=config.max_train_steps,
         )
         engine.fit(teacher_config)
         config = dataclasses.replace(

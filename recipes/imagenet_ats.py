@@ -21,6 +21,7 @@ ResNet-18, SGD lr 0.1 per 256 images, 100 epochs, lr x0.1 at 30/60/90) and the A
 temperatures tau_correct=4, tau_wrong=3, student temperature 1, lambda=0.5 (kd_weight).
 recipes/imagenet_dtkd.py is this script with DTKD's defaults.
 """
+
 import argparse
 
 from timm_kd import engine, hub

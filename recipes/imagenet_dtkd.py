@@ -22,6 +22,7 @@ weights tau=4, alpha=3 (dtkd_weight), beta=1 (kd_weight), gamma=1 (ce_weight). T
 KD terms up over 20 of 240 CIFAR epochs; on ImageNet's 100 epochs we warm up over 1 epoch, as
 mdistiller's ImageNet settings do for DKD. recipes/imagenet_ats.py is this script with ATS's defaults.
 """
+
 import argparse
 
 from timm_kd import engine, hub

@@ -16,6 +16,7 @@ is saved in timm's format and loaded back from that folder for stage 3; the dist
 saved in timm's format too, ready for `timm.create_model("local-dir:<path>", pretrained=True)` or
 `timm-kd push <run dir> your-name/repo`. Run folders, logs and checkpoints go to --output-dir.
 """
+
 import argparse
 import dataclasses
 import os
@@ -29,7 +30,7 @@ QUICKSTART = dict(
     student="test_resnet",
     method="ats",
     loss_kwargs={"tau_correct": 4.0, "tau_wrong": 3.0, "kd_weight": 0.5},
-    epochs=4,
+    epochs=3,
     batch_size=64,
     opt="adamw",
     lr=2e-3,
@@ -51,7 +52,7 @@ def main():
     engine.add_train_args(parser, **QUICKSTART)
     group = parser.add_argument_group("teacher training")
     group.add_argument("--teacher-arch", default="resnet10t", help="timm architecture of the teacher")
-    group.add_argument("--teacher-epochs", type=int, default=4, help="epochs of the teacher's CE training")
+    group.add_argument("--teacher-epochs", type=int, default=3, help="epochs of the teacher's CE training")
     args = parser.parse_args()
     config = engine.config_from_args(args)
     out = config.output_dir
@@ -70,7 +71,9 @@ def main():
     )
 
     # 3. The student alone (cross-entropy), the baseline distillation has to beat.
-    alone = engine.fit(dataclasses.replace(config, teacher=None, method="ce", output_dir=os.path.join(out, "student_alone")))
+    alone = engine.fit(
+        dataclasses.replace(config, teacher=None, method="ce", output_dir=os.path.join(out, "student_alone"))
+    )
 
     # 4. The same student distilled from the teacher, loaded from the folder stage 2 saved.
     distilled = engine.fit(
@@ -94,11 +97,13 @@ def main():
         for name, r in rows:
             params = sum(p.numel() for p in r.student.parameters()) / 1e6
             best = r.best_metrics["top1"] if r.best_metrics else float("nan")
-            print(f"{name:<44} {params:>7.2f}M {r.metrics['top1']:>8.2f} {r.metrics.get('top5', float('nan')):>8.2f} "
-                  f"{best:>13.2f}")
+            top5 = r.metrics.get("top5", float("nan"))
+            print(f"{name:<44} {params:>7.2f}M {r.metrics['top1']:>8.2f} {top5:>8.2f} {best:>13.2f}")
         gain = distilled.metrics["top1"] - alone.metrics["top1"]
-        print(f"\ndistillation: {gain:+.2f} points top-1 over the student alone "
-              f"({config.dataset}[{config.val_split}], {distilled.metrics['num_samples']} images)")
+        print(
+            f"\ndistillation: {gain:+.2f} points top-1 over the student alone "
+            f"({config.dataset}[{config.val_split}], {distilled.metrics['num_samples']} images)"
+        )
         print(f"distilled student (timm format): {distilled.output_dir / 'student'}")
 
 

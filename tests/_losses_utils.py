@@ -68,7 +68,9 @@ def ref_kd(s: torch.Tensor, t: torch.Tensor, tau: float) -> torch.Tensor:
     return _kl_rows(torch.softmax(t / tau, -1), torch.softmax(s / tau, -1)).mean() * tau * tau
 
 
-def ref_dtkd_terms(s: torch.Tensor, t: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ref_dtkd_terms(
+    s: torch.Tensor, t: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The DTKD authors' dynamic-temperature term, no guard: returns (L_DTKD, T_t [B], T_s [B])."""
     xs = s.max(1).values
     xt = t.max(1).values
@@ -92,10 +94,13 @@ def ref_dtkd(
 ) -> torch.Tensor:
     """The DTKD authors' objective: ``min(epoch/warmup, 1) (alpha L_DTKD + beta KD) + gamma CE``."""
     dtkd = ref_dtkd_terms(s, t, tau)[0]
-    return min(epoch / warmup, 1.0) * (alpha * dtkd + beta * ref_kd(s, t, tau)) + gamma * ref_cross_entropy(s, y)
+    kd_part = alpha * dtkd + beta * ref_kd(s, t, tau)
+    return min(epoch / warmup, 1.0) * kd_part + gamma * ref_cross_entropy(s, y)
 
 
-def ref_dkd_terms(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ref_dkd_terms(
+    s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """mdistiller's ``dkd_loss`` terms (TCKD, NCKD), each times tau^2, batch mean; probabilities first."""
     is_gt = torch.nn.functional.one_hot(y, s.shape[1]).to(s.dtype)
     ps, pt = torch.softmax(s / tau, -1), torch.softmax(t / tau, -1)

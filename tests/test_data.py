@@ -187,7 +187,8 @@ def test_missing_path_is_not_sent_to_the_hub(tmp_path):
 def test_hub_id_offline_fails_fast_with_a_clear_error():
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # set by conftest.py
     start = time.perf_counter()
-    with pytest.raises(RuntimeError, match=r"could not load dataset 'timm-kd-tests/no-such-set'.*HF_HUB_OFFLINE"):
+    expected = r"could not load dataset 'timm-kd-tests/no-such-set'.*HF_HUB_OFFLINE"
+    with pytest.raises(RuntimeError, match=expected):
         D.load_image_dataset("timm-kd-tests/no-such-set", "train")
     with pytest.raises(RuntimeError, match="from the Hugging Face Hub"):
         D.load_image_dataset("imagenet-1k", "validation", streaming=True)
@@ -216,7 +217,8 @@ def test_saved_dataset_columns_detected_and_empty_split(tmp_path):
         D.load_image_dataset(str(tmp_path / "saved"), "test")
 
     odd = datasets.Dataset.from_dict(
-        {"pixels": rows["img"], "y": [0, 1, 0, 1]}, features=datasets.Features(pixels=image, y=datasets.Value("int64"))
+        {"pixels": rows["img"], "y": [0, 1, 0, 1]},
+        features=datasets.Features(pixels=image, y=datasets.Value("int64")),
     )
     odd.save_to_disk(str(tmp_path / "odd"))
     with pytest.raises(ValueError, match=r"which column .* holds the labels.*label_column="):
@@ -230,7 +232,8 @@ def test_saved_dataset_columns_detected_and_empty_split(tmp_path):
 def test_check_labels_errors():
     ds = D.make_embedded_dataset("test", num_test=100)
     D.check_labels(ds, 100)
-    with pytest.raises(ValueError, match="has 100 classes .* model has 10 outputs; create the model with num_classes=100"):
+    expected = "has 100 classes .* model has 10 outputs; create the model with num_classes=100"
+    with pytest.raises(ValueError, match=expected):
         D.check_labels(ds, 10, name="embedded/test")
     plain = datasets.Dataset.from_dict({"image": [None] * 3, "label": [0, 7, 2]})
     with pytest.raises(ValueError, match="labels up to 7 .* num_classes=8"):
@@ -249,7 +252,8 @@ def test_corrupt_jpeg_error_and_skip_policies(tmp_path):
     train = D.load_image_dataset(str(tmp_path), "train")
     assert len(train) == 7
 
-    with pytest.raises(ValueError, match=r"1 of 7 images cannot be decoded: image \d+ \(.*broken\.jpg\).*truncated"):
+    expected = r"1 of 7 images cannot be decoded: image \d+ \(.*broken\.jpg\).*truncated"
+    with pytest.raises(ValueError, match=expected):
         D.verify_images(train, progress=False)
     with pytest.warns(UserWarning, match="skipping 1 corrupt image"):
         kept, corrupt = D.verify_images(train, on_corrupt="skip", progress=False)
@@ -344,7 +348,8 @@ def test_loader_leaves_global_rngs_alone(embedded_small, train_transform):
     torch.manual_seed(5)
     random.seed(5)
     np.random.seed(5)
-    assert torch.equal(after[0], torch.rand(3)) and after[1] == random.random() and after[2] == np.random.rand()
+    assert torch.equal(after[0], torch.rand(3))
+    assert after[1] == random.random() and after[2] == np.random.rand()
 
 
 def test_sampler_epochs_and_accelerate_style_set_epoch():
@@ -368,3 +373,26 @@ def test_streaming_matches_map_style(embedded_small):
         assert torch.equal(s["label"], m["label"]) and torch.equal(s["pixel_values"], m["pixel_values"])
     with pytest.raises(TypeError, match="apply_transform"):
         D.create_loader(embedded_small, batch_size=4)
+
+
+def test_accelerate_prepared_loader_resumes_exactly(embedded_small, train_transform):
+    """Accelerate keeps the SeededSampler, drives its epoch, and ``skip_first_batches`` (resume in
+    the middle of an epoch) gives exactly the rest of the uninterrupted epoch, augmentations included."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+
+    def prepared():
+        dataset = D.apply_transform(embedded_small, train_transform, seed=0)
+        return accelerator.prepare(D.create_loader(dataset, batch_size=8, shuffle=True, seed=0))
+
+    loader = prepared()
+    first = [(b["index"], b["pixel_values"]) for b in loader]  # Accelerate sets epoch 0, then 1
+    second = [(b["index"], b["pixel_values"]) for b in loader]
+    assert not torch.equal(first[0][0], second[0][0])
+    resumed = accelerator.skip_first_batches(prepared(), 3)
+    resumed.set_epoch(1)
+    rest = [(b["index"], b["pixel_values"]) for b in resumed]
+    assert len(rest) == len(second) - 3
+    for (i_a, x_a), (i_b, x_b) in zip(rest, second[3:]):
+        assert torch.equal(i_a, i_b) and torch.equal(x_a, x_b)

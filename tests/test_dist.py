@@ -20,18 +20,22 @@ def test_defaults_are_the_authors_imagenet_setting():
 
 def test_golden_constants_come_from_the_reference():
     s, t, _ = fixed_batch()
-    assert [v.item() for v in ref_dist_terms(s, t, 1.0)] == pytest.approx([GOLDEN_INTER_T1, GOLDEN_INTRA_T1], abs=1e-12)
-    assert [v.item() for v in ref_dist_terms(s, t, 4.0)] == pytest.approx([GOLDEN_INTER_T4, GOLDEN_INTRA_T4], abs=1e-12)
+    t1 = [v.item() for v in ref_dist_terms(s, t, 1.0)]
+    t4 = [v.item() for v in ref_dist_terms(s, t, 4.0)]
+    assert t1 == pytest.approx([GOLDEN_INTER_T1, GOLDEN_INTRA_T1], abs=1e-12)
+    assert t4 == pytest.approx([GOLDEN_INTER_T4, GOLDEN_INTRA_T4], abs=1e-12)
 
 
 def test_golden_values():
     s, t, y = fixed_batch(torch.float32)
     out = create_loss("dist")(s, t, y)
-    assert (out["inter"].item(), out["intra"].item()) == pytest.approx((GOLDEN_INTER_T1, GOLDEN_INTRA_T1), abs=1e-6)
+    terms = (out["inter"].item(), out["intra"].item())
+    assert terms == pytest.approx((GOLDEN_INTER_T1, GOLDEN_INTRA_T1), abs=1e-6)
     expected = GOLDEN_CE + 2.0 * (GOLDEN_INTER_T1 + GOLDEN_INTRA_T1)
     assert out["loss"].item() == pytest.approx(expected, abs=1e-5)
     out4 = create_loss("dist", tau=4.0, beta=2.0, gamma=0.5, kd_weight=1.0)(s, t, y)
-    assert (out4["inter"].item(), out4["intra"].item()) == pytest.approx((GOLDEN_INTER_T4, GOLDEN_INTRA_T4), abs=1e-5)
+    terms = (out4["inter"].item(), out4["intra"].item())
+    assert terms == pytest.approx((GOLDEN_INTER_T4, GOLDEN_INTRA_T4), abs=1e-5)
     expected = GOLDEN_CE + 2.0 * GOLDEN_INTER_T4 + 0.5 * GOLDEN_INTRA_T4
     assert out4["loss"].item() == pytest.approx(expected, abs=1e-5)
 

@@ -42,7 +42,9 @@ def test_golden_values():
     assert out["loss"].item() == pytest.approx(GOLDEN_LOSS_EPOCH10, abs=1e-5)
 
 
-@pytest.mark.parametrize("kw", [{}, {"alpha": 2.0, "beta": 0.5, "tau": 1.0, "ce_weight": 0.3, "warmup_epochs": 1}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"alpha": 2.0, "beta": 0.5, "tau": 1.0, "ce_weight": 0.3, "warmup_epochs": 1}]
+)
 def test_value_and_student_gradient_match_mdistiller(kw):
     s, t, y = random_batch(16, 100, scale=3.0, seed=1)
     loss_fn = create_loss("dkd", **kw)

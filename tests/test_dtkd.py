@@ -29,7 +29,8 @@ GOLDEN_LOSS_EPOCH30 = 2.9143004064564524  # past the warm-up
 def test_defaults_are_the_authors():
     loss = create_loss("dtkd")
     assert isinstance(loss, DTKDLoss)
-    assert (loss.tau, loss.dtkd_weight, loss.kd_weight, loss.ce_weight, loss.warmup_epochs) == (4, 3, 1, 1, 20)
+    weights = (loss.tau, loss.dtkd_weight, loss.kd_weight, loss.ce_weight, loss.warmup_epochs)
+    assert weights == (4, 3, 1, 1, 20)
     assert loss.max_temp_ratio == 4.0 and loss.logit_standardize is False
 
 
@@ -186,7 +187,8 @@ def test_warmup_scales_both_kd_terms_not_ce():
     kd_part = 3 * b["dtkd"] + 1 * b["kd"]
     torch.testing.assert_close(a["loss"], 0.5 * kd_part + a["ce"])
     torch.testing.assert_close(b["loss"], kd_part + b["ce"])
-    torch.testing.assert_close(loss(s, t, y, epoch=2.5)["loss"], 0.125 * kd_part + a["ce"])  # fractional epoch
+    fractional = loss(s, t, y, epoch=2.5)["loss"]
+    torch.testing.assert_close(fractional, 0.125 * kd_part + a["ce"])
     out = create_loss("dtkd", warmup_epochs=0)(s, t, y)  # no warm-up: no epoch needed
     torch.testing.assert_close(out["loss"], kd_part + out["ce"])
 
@@ -236,3 +238,99 @@ def test_bad_inputs_fail_with_the_fix():
         loss(s.clone().fill_(float("nan")), t, y, epoch=1)
     with pytest.raises(ValueError, match="epoch must be a finite number"):
         loss(s, t, y, epoch=float("nan"))
+
+
+def _templates_data(num_classes: int = 10, size: int = 8, seed: int = 0):
+    """Learnable synthetic images: one random template per class plus unit Gaussian noise."""
+    templates = torch.randn(num_classes, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+    def batch(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, num_classes, (n,), generator=gen)
+        return templates[y] + torch.randn(n, 3, size, size, generator=gen), y
+
+    return batch
+
+
+def _train_student(teacher, batch, loss_fn, steps: int = 80, lr: float = 0.05):
+    """SGD (the authors' CIFAR lr and momentum) from a zero-initialised head; losses per step."""
+    torch.manual_seed(10)
+    student = timm.create_model("test_resnet", num_classes=10)
+    torch.nn.init.zeros_(student.get_classifier().weight)  # fine-tuning style head init: x_s = 0
+    torch.nn.init.zeros_(student.get_classifier().bias)
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9)
+    gen, losses = torch.Generator().manual_seed(3), []
+    for _ in range(steps):
+        x, y = batch(64, gen)
+        with torch.no_grad():
+            t = teacher(x)
+        loss = loss_fn(student(x), t, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            break
+    return student.eval(), losses
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread (and do not fight the other tests for cores)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.mark.slow
+def test_short_schedule_from_a_fresh_student_authors_form_fails_guard_trains(one_thread):
+    """A real run: timm students, a confident teacher (max logits ~27, like ImageNet models), no warm-up.
+
+    The authors' temperatures give NaN at the first step (x_s = 0); floored but unguarded
+    (max_temp_ratio=None) the loss stalls near its start and the student stays poor; the default
+    guard trains to a low loss and high accuracy.
+    """
+    batch = _templates_data()
+    torch.manual_seed(0)
+    teacher = timm.create_model("test_resnet", num_classes=10)
+    opt = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        x, y = batch(64, gen)
+        loss = torch.nn.functional.cross_entropy(teacher(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    teacher.eval()
+    with torch.no_grad():  # a confident teacher: scale the trained head's logits by 3
+        teacher.get_classifier().weight.mul_(3.0)
+        teacher.get_classifier().bias.mul_(3.0)
+    x_val, y_val = batch(256, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        t_val = teacher(x_val)
+    assert (t_val.argmax(1) == y_val).float().mean() > 0.9 and t_val.amax(1).mean() > 15
+
+    def accuracy(model):
+        with torch.no_grad():
+            return (model(x_val).argmax(1) == y_val).float().mean().item()
+
+    def quarter_means(losses):
+        q = len(losses) // 4
+        return sum(losses[:q]) / q, sum(losses[-q:]) / q
+
+    # the authors' formula (reference implementation in _losses_utils.py), warm-up factor 1
+    _, authors = _train_student(teacher, batch, lambda s, t, y: ref_dtkd(s, t, y, epoch=1, warmup=1), steps=3)
+    assert not math.isfinite(authors[0])
+
+    runs = {}
+    for ratio in (None, 4.0):
+        loss_fn = create_loss("dtkd", warmup_epochs=0, max_temp_ratio=ratio)
+        student, losses = _train_student(teacher, batch, lambda s, t, y, f=loss_fn: f(s, t, y)["loss"])
+        runs[ratio] = (accuracy(student), *quarter_means(losses))
+        acc, first, last = runs[ratio]
+        print(f"max_temp_ratio={ratio}: accuracy {acc:.3f}, loss {first:.2f} -> {last:.2f} (first/last quarter)")
+    acc_guard, first_guard, last_guard = runs[4.0]
+    acc_none, _, last_none = runs[None]
+    assert all(math.isfinite(v) for v in runs[4.0] + runs[None])
+    assert last_guard < 0.5 * first_guard and acc_guard > 0.6  # trains; chance is 0.1
+    assert last_none > 2 * last_guard and acc_none < acc_guard - 0.2  # unguarded stalls

@@ -3,6 +3,7 @@
 Runs in the test process with a one-process ``Accelerator``, real timm test models and the real
 embedded dataset. Multi-process runs, SIGKILL/resume and the recipes are in test_recipes.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +45,9 @@ def test_topk_metric_is_package_data_and_loads_by_path_offline():
     script = Path(TOPK_ACCURACY_PATH) / "topk_accuracy.py"
     assert script.is_file() and Path(timm_kd.__file__).parent in script.parents
     metric = evaluate.load(TOPK_ACCURACY_PATH, keep_in_memory=True)
-    out = metric.compute(predictions=[[3, 7, 1, 0, 9], [2, 4, 5, 6, 8], [1, 2, 3, 4, 5]], references=[7, 2, 0])
+    out = metric.compute(
+        predictions=[[3, 7, 1, 0, 9], [2, 4, 5, 6, 8], [1, 2, 3, 4, 5]], references=[7, 2, 0]
+    )
     assert out == {"top1": pytest.approx(100 / 3), "top5": pytest.approx(200 / 3), "num_samples": 3}
 
 
@@ -73,7 +76,10 @@ def test_topk_metric_matches_timm_accuracy_from_ids_and_from_logits():
         "num_samples": 257,
     }
     # one class id per sample: top-1 only
-    assert load_topk_metric().compute(predictions=[1, 2], references=[1, 3]) == {"top1": 50.0, "num_samples": 2}
+    assert load_topk_metric().compute(predictions=[1, 2], references=[1, 3]) == {
+        "top1": 50.0,
+        "num_samples": 2,
+    }
 
 
 def test_teacher_chance_threshold():
@@ -128,7 +134,9 @@ def test_bad_input_stops_before_training(tmp_path, case, error, words):
 
         empty = datasets.Dataset.from_dict(
             {"image": [Image.new("RGB", (4, 4))], "label": [0]},
-            features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}),
+            features=datasets.Features(
+                {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}
+            ),
         )
         none = datasets.Dataset.from_dict({"image": [], "label": []}, features=empty.features)
         datasets.DatasetDict({"train": empty, "validation": none}).save_to_disk(
@@ -138,7 +146,11 @@ def test_bad_input_stops_before_training(tmp_path, case, error, words):
     elif case == "labels outside classes":
         kw = dict(num_classes=10)
     elif case == "corrupt image":
-        kw = dict(dataset=str(_image_folder(tmp_path / "images", corrupt=True)), embedded_kwargs={}, on_corrupt="error")
+        kw = dict(
+            dataset=str(_image_folder(tmp_path / "images", corrupt=True)),
+            embedded_kwargs={},
+            on_corrupt="error",
+        )
     elif case == "unknown student":
         kw = dict(student="resnet_18")
     elif case == "unknown teacher":
@@ -189,7 +201,9 @@ class _NaNAfter(torch.nn.Module):
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
-    config = _tiny(tmp_path, method="test_nan_after_5", checkpoint_every=2, log_every=3, epochs=3, keep_checkpoints=5)
+    config = _tiny(
+        tmp_path, method="test_nan_after_5", checkpoint_every=2, log_every=3, epochs=3, keep_checkpoints=5
+    )
     with pytest.raises(TrainingDivergedError) as info:
         engine.fit(config)
     msg = str(info.value)
@@ -224,8 +238,20 @@ def test_recipe_flags_round_trip_into_the_config():
     parser = argparse.ArgumentParser()
     engine.add_train_args(parser, **engine.IMAGENET_DEFAULTS, method="ats", loss_kwargs={"tau_correct": 4.0})
     args = parser.parse_args(
-        ["--loss-arg", "tau_wrong=2", "--embedded-arg", "num_train=100", "--decay-milestones", "3,6",
-         "--scale", "0.5,1", "--checkpoint-every", "0", "--mixed-precision", "bf16"]
+        [
+            "--loss-arg",
+            "tau_wrong=2",
+            "--embedded-arg",
+            "num_train=100",
+            "--decay-milestones",
+            "3,6",
+            "--scale",
+            "0.5,1",
+            "--checkpoint-every",
+            "0",
+            "--mixed-precision",
+            "bf16",
+        ]
     )
     config = engine.config_from_args(args)
     assert config.loss_kwargs == {"tau_correct": 4.0, "tau_wrong": 2}
@@ -240,8 +266,12 @@ def test_recipe_flags_round_trip_into_the_config():
 
 def test_resume_resolution_ignores_incomplete_checkpoints(tmp_path):
     root = tmp_path / "checkpoints"
-    for name, complete in [("step_00000002", True), ("step_00000010", True), (".tmp-step_00000012", True),
-                           ("step_00000011", False)]:
+    for name, complete in [
+        ("step_00000002", True),
+        ("step_00000010", True),
+        (".tmp-step_00000012", True),
+        ("step_00000011", False),
+    ]:
         (root / name).mkdir(parents=True)
         if complete:
             (root / name / "trainer_state.json").write_text("{}")
@@ -251,3 +281,13 @@ def test_resume_resolution_ignores_incomplete_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a complete timm-kd checkpoint"):
         engine.resolve_resume(str(root / "step_00000011"), tmp_path)
     assert np.all(np.diff([int(p.name[5:]) for p in engine.list_checkpoints(tmp_path)]) > 0)
+
+
+@pytest.mark.slow
+def test_streamed_training_split_with_steps_per_epoch(tmp_path):
+    config = _tiny(tmp_path, streaming=True, steps_per_epoch=3, epochs=2, method="kd", batch_size=16)
+    result = engine.fit(config)
+    assert result.global_step == 6 and result.metrics["num_samples"] == 40
+    assert [h["epoch"] for h in result.summary["run"]["history"]] == [1, 2]
+    with pytest.raises(ValueError, match="--steps-per-epoch"):
+        engine.fit(dataclasses.replace(config, steps_per_epoch=None, output_dir=str(tmp_path / "other")))

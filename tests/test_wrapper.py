@@ -34,6 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 HALF = (0.5, 0.5, 0.5)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: a second intra-op thread buys nothing, and on a loaded machine the
+    OpenMP barrier of two threads sharing two busy cores makes each step ~50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------------
 # training behaviour on several families
 
@@ -120,6 +130,9 @@ def test_autocast_and_float32_teacher():
     torch.testing.assert_close(out["teacher_output"], expected, rtol=0, atol=0)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
+    # bf16 images (a student kept in bf16) reach a float32 teacher without autocast
+    plain = DistillWrapper(tiny("test_vit"), teacher, loss="kd")
+    torch.testing.assert_close(plain.teacher_logits(x.bfloat16()), expected, rtol=0.05, atol=0.05)
 
 
 def test_channels_last_and_compiled_teacher_give_the_same_logits():
@@ -171,6 +184,9 @@ def test_loss_object_and_loss_kwargs_errors():
         DistillWrapper(tiny("test_resnet"), tiny("resnet10t"), loss=loss, tau=2.0)
     with pytest.raises(TypeError, match="taux"):
         DistillWrapper(tiny("test_resnet"), tiny("resnet10t"), loss="kd", taux=2.0)
+    # checked before any model is built: offline, a download attempt would raise something else
+    with pytest.raises(TypeError, match="taux"):
+        DistillWrapper("resnet18", "resnet50", loss="kd", student_pretrained=True, taux=2.0)
     with pytest.raises(ValueError, match="unknown loss"):
         DistillWrapper(tiny("test_resnet"), tiny("resnet10t"), loss="kdd")
 
@@ -402,6 +418,7 @@ def test_named_student_and_teacher_without_weights():
 # the student leaves as a plain timm model
 
 
+@pytest.mark.slow
 def test_student_state_dict_loads_into_plain_timm_without_timm_kd(tmp_path):
     wrapper = DistillWrapper(
         "test_vit", tiny("resnet10t"), loss="kd", num_classes=5, student_kwargs={"img_size": 32}
@@ -432,7 +449,8 @@ def test_student_state_dict_loads_into_plain_timm_without_timm_kd(tmp_path):
             torch.testing.assert_close(model(io["x"]), io["logits"], rtol=1e-5, atol=1e-5)
         print("ok")
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
@@ -471,6 +489,7 @@ def test_prepare_distributed_ema_and_checkpoint_state():
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_compile_hook_runs_student_and_teacher_compiled():
     wrapper = DistillWrapper(tiny("test_resnet"), tiny("resnet10t"), loss="kd")
     x, y = batch()

@@ -370,12 +370,12 @@ def _load_hub(
                 available = datasets.get_dataset_split_names(name, **load_kwargs)
             except Exception:  # fall back to the library's own message
                 available = None
-            if available:
-                _pick_split(available, split, name)  # raises with the list, or resolves an alias
-                return _load_hub(name, _pick_split(available, split, name), streaming, cache_dir, load_kwargs)
+            if available:  # raises with the list, or resolves an alias such as val -> validation
+                resolved = _pick_split(available, split, name)
+                return _load_hub(name, resolved, streaming, cache_dir, load_kwargs)
             raise ValueError(f"dataset {name!r} has no split {split!r}: {msg}") from e
         raise
-    except Exception as e:
+    except (OSError, datasets.exceptions.DatasetsError) as e:  # not found, gated, offline, network
         offline = any(
             os.environ.get(var, "0").upper() in ("1", "ON", "YES", "TRUE")
             for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")

@@ -41,6 +41,7 @@ an epoch on resume replays exactly what an uninterrupted run would have seen.
 Steps. ``global_step`` counts optimizer updates (``grad_accum_steps`` batches each); the scheduler,
 ``checkpoint_every``, ``log_every`` and ``max_train_steps`` all count optimizer updates.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -317,7 +318,13 @@ def check_config(config: TrainConfig) -> None:
         "log_every": config.log_every,
         "keep_checkpoints": config.keep_checkpoints,
     }
-    for opt_name in ("checkpoint_every", "max_train_steps", "max_eval_steps", "steps_per_epoch", "eval_batch_size"):
+    for opt_name in (
+        "checkpoint_every",
+        "max_train_steps",
+        "max_eval_steps",
+        "steps_per_epoch",
+        "eval_batch_size",
+    ):
         if getattr(config, opt_name) is not None:
             positive[opt_name] = getattr(config, opt_name)
     for k, v in positive.items():
@@ -333,7 +340,8 @@ def check_config(config: TrainConfig) -> None:
     for k, allowed in choices.items():
         if getattr(config, k) not in allowed:
             raise ValueError(
-                f"--{k.replace('_', '-')} must be one of {[a for a in allowed if a]}, got {getattr(config, k)!r}"
+                f"--{k.replace('_', '-')} must be one of {[a for a in allowed if a]}, "
+                f"got {getattr(config, k)!r}"
             )
     if config.lr is not None and not (config.lr > 0 and math.isfinite(config.lr)):
         raise ValueError(f"--lr must be a finite number > 0, got {config.lr}")
@@ -364,9 +372,10 @@ def check_model_name(name: str, role: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(
-            f"unknown {role} model {name!r}.{hint} Use a timm architecture name (timm.list_models('*resnet*') "
-            f"lists them; a pretrained tag such as 'resnet50.tv_in1k' is allowed), 'hf-hub:org/name' for a "
-            f"model on the Hugging Face Hub, or 'local-dir:PATH' for a saved timm-format folder."
+            f"unknown {role} model {name!r}.{hint} Use a timm architecture name "
+            f"(timm.list_models('*resnet*') lists them; a pretrained tag such as 'resnet50.tv_in1k' is "
+            f"allowed), 'hf-hub:org/name' for a model on the Hugging Face Hub, or 'local-dir:PATH' for a "
+            f"saved timm-format folder."
         )
 
 
@@ -425,13 +434,17 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
     """Add the engine's flags to ``parser``, with ``defaults`` (TrainConfig field names) overriding
     the TrainConfig defaults. Returns ``parser``. ``config_from_args`` turns the result into a
     ``TrainConfig``."""
-    d = TrainConfig(**{k: v for k, v in defaults.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    d = TrainConfig(
+        **{k: v for k, v in defaults.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    )
     unknown = set(defaults) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"add_train_args: unknown defaults {sorted(unknown)}")
 
     g = parser.add_argument_group("models")
-    g.add_argument("--student", default=d.student, help="timm model name of the student (or hf-hub:/local-dir:)")
+    g.add_argument(
+        "--student", default=d.student, help="timm model name of the student (or hf-hub:/local-dir:)"
+    )
     g.add_argument(
         "--teacher",
         default=d.teacher,
@@ -445,14 +458,18 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
         default=d.pretrained_teacher,
         help="build the teacher with random weights (smoke tests only; the teacher check then only warns)",
     )
-    g.add_argument("--teacher-checkpoint", default=d.teacher_checkpoint, help="teacher weights (.safetensors)")
+    g.add_argument(
+        "--teacher-checkpoint", default=d.teacher_checkpoint, help="teacher weights (.safetensors)"
+    )
     g.add_argument(
         "--pretrained-student",
         action="store_true",
         default=d.pretrained_student,
         help="start the student from timm's pretrained weights",
     )
-    g.add_argument("--student-checkpoint", default=d.student_checkpoint, help="student weights (.safetensors)")
+    g.add_argument(
+        "--student-checkpoint", default=d.student_checkpoint, help="student weights (.safetensors)"
+    )
     g.add_argument(
         "--num-classes",
         type=int,
@@ -479,7 +496,7 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
         type=_parse_kv,
         default=[],
         metavar="KEY=VALUE",
-        help=f"loss hyper-parameter, repeatable (e.g. --loss-arg tau_wrong=2); recipe defaults: {d.loss_kwargs}",
+        help=f"loss hyper-parameter, repeatable (e.g. --loss-arg tau_wrong=2); defaults: {d.loss_kwargs}",
     )
 
     g = parser.add_argument_group("data")
@@ -511,7 +528,9 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
         default=d.on_corrupt,
         help="a corrupt image stops the run before training ('error') or is skipped and counted ('skip')",
     )
-    g.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader worker processes per rank")
+    g.add_argument(
+        "--num-workers", type=int, default=d.num_workers, help="data loader worker processes per rank"
+    )
     g.add_argument(
         "--steps-per-epoch",
         type=int,
@@ -532,26 +551,40 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
     g = parser.add_argument_group("transforms and augmentation (timm)")
     g.add_argument("--input-size", type=int, default=d.input_size, help="image side (default: the student's)")
     g.add_argument("--crop-pct", type=float, default=d.crop_pct, help="eval center-crop fraction")
-    g.add_argument("--interpolation", default=d.interpolation, help="resize interpolation (bilinear, bicubic)")
+    g.add_argument(
+        "--interpolation", default=d.interpolation, help="resize interpolation (bilinear, bicubic)"
+    )
     g.add_argument("--mean", type=_parse_floats, default=d.mean, help="normalization mean, e.g. 0.5,0.5,0.5")
     g.add_argument("--std", type=_parse_floats, default=d.std, help="normalization std")
-    g.add_argument("--no-aug", action="store_true", default=d.no_aug, help="no random augmentation when training")
-    g.add_argument("--scale", type=_parse_pair, default=d.scale, help="random-resized-crop area range, e.g. 0.08,1")
+    g.add_argument(
+        "--no-aug", action="store_true", default=d.no_aug, help="no random augmentation when training"
+    )
+    g.add_argument(
+        "--scale", type=_parse_pair, default=d.scale, help="random-resized-crop area range, e.g. 0.08,1"
+    )
     g.add_argument("--ratio", type=_parse_pair, default=d.ratio, help="random-resized-crop aspect range")
     g.add_argument("--hflip", type=float, default=d.hflip, help="horizontal flip probability (timm: 0.5)")
     g.add_argument("--color-jitter", type=float, default=d.color_jitter, help="color jitter strength")
-    g.add_argument("--aa", dest="auto_augment", default=d.auto_augment, help="AutoAugment policy, e.g. rand-m9-mstd0.5")
+    g.add_argument(
+        "--aa", dest="auto_augment", default=d.auto_augment, help="AutoAugment policy, e.g. rand-m9-mstd0.5"
+    )
     g.add_argument("--reprob", type=float, default=d.reprob, help="random erasing probability")
     g.add_argument("--mixup", type=float, default=d.mixup, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=d.cutmix, help="cutmix alpha (0: off)")
-    g.add_argument("--mixup-prob", type=float, default=d.mixup_prob, help="probability of mixup/cutmix per batch")
-    g.add_argument("--mixup-switch-prob", type=float, default=d.mixup_switch_prob, help="cutmix instead of mixup")
+    g.add_argument(
+        "--mixup-prob", type=float, default=d.mixup_prob, help="probability of mixup/cutmix per batch"
+    )
+    g.add_argument(
+        "--mixup-switch-prob", type=float, default=d.mixup_switch_prob, help="cutmix instead of mixup"
+    )
     g.add_argument("--smoothing", type=float, default=d.smoothing, help="label smoothing (soft targets)")
 
     g = parser.add_argument_group("optimization (timm factories)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size per process (GPU)")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="eval batch size per process")
+    g.add_argument(
+        "--eval-batch-size", type=int, default=d.eval_batch_size, help="eval batch size per process"
+    )
     g.add_argument(
         "--grad-accum-steps", type=int, default=d.grad_accum_steps, help="batches per optimizer step"
     )
@@ -562,7 +595,9 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
         default=d.lr,
         help="learning rate (default: lr-base * global batch / lr-base-size)",
     )
-    g.add_argument("--lr-base", type=float, default=d.lr_base, help="learning rate for a global batch of lr-base-size")
+    g.add_argument(
+        "--lr-base", type=float, default=d.lr_base, help="learning rate for a global batch of lr-base-size"
+    )
     g.add_argument("--lr-base-size", type=int, default=d.lr_base_size, help="batch size lr-base refers to")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
@@ -570,7 +605,9 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
     g.add_argument("--clip-mode", default=d.clip_mode, choices=("norm", "value", "agc"), help="clipping mode")
     g.add_argument("--sched", default=d.sched, help="timm scheduler (cosine, step, multistep, constant, ...)")
     g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up epochs")
-    g.add_argument("--warmup-lr", type=float, default=d.warmup_lr, help="learning rate at the start of warm-up")
+    g.add_argument(
+        "--warmup-lr", type=float, default=d.warmup_lr, help="learning rate at the start of warm-up"
+    )
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="lower bound of the cosine schedule")
     g.add_argument(
         "--decay-milestones",
@@ -579,12 +616,18 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
         help="epochs at which multistep multiplies the lr by decay-rate, e.g. 150,180,210",
     )
     g.add_argument("--decay-rate", type=float, default=d.decay_rate, help="multistep/step decay factor")
-    g.add_argument("--model-ema", action="store_true", default=d.model_ema, help="keep an EMA of the student "
-                   "(evaluated each epoch and saved as the final student)")
+    g.add_argument(
+        "--model-ema",
+        action="store_true",
+        default=d.model_ema,
+        help="keep an EMA of the student (evaluated each epoch and saved as the final student)",
+    )
     g.add_argument("--model-ema-decay", type=float, default=d.model_ema_decay, help="EMA decay")
 
     g = parser.add_argument_group("runtime, checkpoints and logging")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of everything (init, data order, augmentation)")
+    g.add_argument(
+        "--seed", type=int, default=d.seed, help="seed of everything (init, data order, augmentation)"
+    )
     g.add_argument(
         "--mixed-precision",
         choices=("no", "fp16", "bf16"),
@@ -592,22 +635,32 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
         help="mixed precision (default: what `accelerate launch` / `accelerate config` says)",
     )
     g.add_argument("--compile", action="store_true", default=d.compile, help="torch.compile the student")
-    g.add_argument("--channels-last", action="store_true", default=d.channels_last, help="channels-last memory format")
-    g.add_argument("--output-dir", default=d.output_dir, help="run folder (checkpoints, student/, run_summary.json)")
+    g.add_argument(
+        "--channels-last", action="store_true", default=d.channels_last, help="channels-last memory format"
+    )
+    g.add_argument(
+        "--output-dir", default=d.output_dir, help="run folder (checkpoints, student/, run_summary.json)"
+    )
     g.add_argument(
         "--checkpoint-every",
         type=_optional_int,
         default=d.checkpoint_every,
         help="also checkpoint every N optimizer steps (a checkpoint is always written after each epoch)",
     )
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept (last K)")
+    g.add_argument(
+        "--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept (last K)"
+    )
     g.add_argument(
         "--resume",
         default=d.resume,
         help="continue from a checkpoint folder, or 'latest' (the newest in OUTPUT_DIR/checkpoints)",
     )
-    g.add_argument("--max-train-steps", type=int, default=d.max_train_steps, help="stop after N optimizer steps")
-    g.add_argument("--max-eval-steps", type=int, default=d.max_eval_steps, help="evaluate on N batches per rank only")
+    g.add_argument(
+        "--max-train-steps", type=int, default=d.max_train_steps, help="stop after N optimizer steps"
+    )
+    g.add_argument(
+        "--max-eval-steps", type=int, default=d.max_eval_steps, help="evaluate on N batches per rank only"
+    )
     g.add_argument("--log-every", type=int, default=d.log_every, help="log losses, lr, img/s every N steps")
     g.add_argument(
         "--report-to",
@@ -621,8 +674,13 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
         help="a teacher at chance level on the eval split stops the run ('auto': error for pretrained or "
         "checkpointed teachers, warning for random ones)",
     )
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=d.progress,
-                   help="no progress bar (logs only)")
+    g.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=d.progress,
+        help="no progress bar (logs only)",
+    )
     g.add_argument("--license", default=d.license, help="license recorded in the model card")
 
     g = parser.add_argument_group("publishing")
@@ -716,7 +774,9 @@ def _load_data(config: TrainConfig, accelerator) -> _Data:
     D.check_labels(train, num_classes, name=f"{config.dataset}[{config.train_split}]")
     D.check_labels(val, num_classes, name=f"{config.dataset}[{config.val_split}]")
     verify = config.verify_images == "yes" or (
-        config.verify_images == "auto" and not config.streaming and os.path.isdir(os.path.expanduser(config.dataset))
+        config.verify_images == "auto"
+        and not config.streaming
+        and os.path.isdir(os.path.expanduser(config.dataset))
     )
     num_corrupt = 0
     if verify:
@@ -726,7 +786,9 @@ def _load_data(config: TrainConfig, accelerator) -> _Data:
                     train, on_corrupt=config.on_corrupt, progress=accelerator.is_local_main_process
                 )
                 num_corrupt += len(bad)
-            val, bad = D.verify_images(val, on_corrupt=config.on_corrupt, progress=accelerator.is_local_main_process)
+            val, bad = D.verify_images(
+                val, on_corrupt=config.on_corrupt, progress=accelerator.is_local_main_process
+            )
             num_corrupt += len(bad)
     return _Data(train, val, int(num_classes), D.get_label_names(train), num_corrupt)
 
@@ -772,8 +834,8 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(
-            f"--resume {resume!r} is not a complete timm-kd checkpoint (no {STATE_FILE}). Complete checkpoints "
-            f"of this run: {[str(p) for p in list_checkpoints(output_dir)] or 'none'}."
+            f"--resume {resume!r} is not a complete timm-kd checkpoint (no {STATE_FILE}). "
+            f"Complete checkpoints of this run: {[str(p) for p in list_checkpoints(output_dir)] or 'none'}."
         )
     return path
 
@@ -869,7 +931,9 @@ def evaluate_model(
     total = len(loader) if hasattr(loader, "__len__") else None
     if max_steps is not None:
         total = min(total, max_steps) if total is not None else max_steps
-    bar = tqdm(total=total, desc=desc, leave=False, disable=not (progress and accelerator.is_local_main_process))
+    bar = tqdm(
+        total=total, desc=desc, leave=False, disable=not (progress and accelerator.is_local_main_process)
+    )
     for i, batch in enumerate(loader):
         if max_steps is not None and i >= max_steps:
             break
@@ -909,7 +973,9 @@ def _reseed(seed: int, rank: int, epoch: int, batch_idx: int) -> None:
     """Seed the global RNGs (Mixup/CutMix, drop-path, dropout) from ``(seed, rank, epoch, batch)``.
 
     Done before every batch, so the randomness of a batch does not depend on what ran before it
-    in this process: a resumed run that skips the first batches of an epoch draws the same numbers.
+    in this process. ``accelerator.load_state`` also restores the RNG states of a checkpoint, but
+    it skips them with only an info-level log line when it cannot read them; with this, a resumed
+    run that skips the first batches of an epoch draws the same numbers either way.
     """
     s = int(np.random.SeedSequence([seed, rank, epoch, batch_idx]).generate_state(1)[0])
     random.seed(s)
@@ -1015,8 +1081,9 @@ def _setup(config: TrainConfig, accelerator, student: nn.Module | None, teacher:
     have = model_num_classes(student)
     if have is not None and have != num_classes:
         raise ValueError(
-            f"the student predicts {have} classes but {config.dataset!r} has labels 0..{num_classes - 1}: labels "
-            f"outside the model's classes. Build the student with num_classes={num_classes}, or drop --num-classes."
+            f"the student predicts {have} classes but {config.dataset!r} has labels 0..{num_classes - 1}: "
+            f"labels outside the model's classes. Build the student with num_classes={num_classes}, or "
+            f"drop --num-classes."
         )
     ds_name = config.dataset
     overrides = {
@@ -1045,7 +1112,7 @@ def _setup(config: TrainConfig, accelerator, student: nn.Module | None, teacher:
                 teacher_checkpoint=config.teacher_checkpoint if teacher is None else None,
                 data_config=data_config,
                 verbose=accelerator.is_main_process,
-                **config.loss_kwargs,
+                **_loss_kwargs(config),
             )
         wrapper.to(accelerator.device)  # the frozen teacher: moved, never prepared
     student.to(accelerator.device)
@@ -1077,7 +1144,12 @@ def _setup(config: TrainConfig, accelerator, student: nn.Module | None, teacher:
             f"{config.batch_size} for each of the {world} processes. Lower --batch-size or use more data."
         )
     train_loader = D.create_loader(
-        train_set, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers, drop_last=True
+        train_set,
+        config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        drop_last=True,
     )
     val_loader = D.create_loader(
         val_set, config.eval_batch_size or config.batch_size, shuffle=False, num_workers=config.num_workers
@@ -1102,7 +1174,9 @@ def _setup(config: TrainConfig, accelerator, student: nn.Module | None, teacher:
         try:
             batches_per_epoch = len(train_loader)
         except TypeError:
-            raise ValueError(f"{config.dataset!r} is streamed and its size is unknown: pass --steps-per-epoch N.") from None
+            raise ValueError(
+                f"{config.dataset!r} is streamed and its size is unknown: pass --steps-per-epoch N."
+            ) from None
     updates_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum_steps))
     scheduler, _ = create_scheduler_v2(
         optimizer,
@@ -1145,19 +1219,37 @@ def _setup(config: TrainConfig, accelerator, student: nn.Module | None, teacher:
         "best_epoch": None,
         "teacher_metrics": None,
         "num_skipped": 0,
+        "epoch_partial": None,  # mid-epoch checkpoints: {"n": batches, "sums": loss-term sums}
         "fingerprint": _fingerprint(config, world),
     }
     run = _Run(
-        config=config, accelerator=accelerator, student=student, wrapper=wrapper, optimizer=optimizer,
-        scheduler=scheduler, model_ema=model_ema, mixup_fn=mixup_fn, train_loader=train_loader,
-        val_loader=val_loader, metric=metric, num_classes=num_classes, label_names=data.label_names,
-        num_corrupt=data.num_corrupt, data_config=dict(data_config), lr=lr, batches_per_epoch=batches_per_epoch,
-        updates_per_epoch=updates_per_epoch, total_updates=total_updates, state=state,
+        config=config,
+        accelerator=accelerator,
+        student=student,
+        wrapper=wrapper,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        model_ema=model_ema,
+        mixup_fn=mixup_fn,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        metric=metric,
+        num_classes=num_classes,
+        label_names=data.label_names,
+        num_corrupt=data.num_corrupt,
+        data_config=dict(data_config),
+        lr=lr,
+        batches_per_epoch=batches_per_epoch,
+        updates_per_epoch=updates_per_epoch,
+        total_updates=total_updates,
+        state=state,
         bad_step=torch.full((), -1, dtype=torch.long, device=accelerator.device),
     )
     resume_dir = resolve_resume(config.resume, run.out_dir)
     if config.resume == "latest" and resume_dir is None:
-        run.log(f"--resume latest: no checkpoint in {run.out_dir / CHECKPOINT_DIR} yet, starting from scratch")
+        run.log(
+            f"--resume latest: no checkpoint in {run.out_dir / CHECKPOINT_DIR} yet, starting from scratch"
+        )
     if resume_dir is not None:
         saved = load_checkpoint(accelerator, resume_dir)
         if saved.get("fingerprint") != state["fingerprint"]:
@@ -1169,6 +1261,27 @@ def _setup(config: TrainConfig, accelerator, student: nn.Module | None, teacher:
         run.last_good = str(resume_dir)
         run.log(f"resumed from {resume_dir} (epoch {state['epoch'] + 1}, step {state['global_step']})")
     return run
+
+
+def _loss_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """The loss's keyword arguments; per-step input checks off where the engine does them itself.
+
+    The registered losses check label range and finiteness on every call, a device-to-host sync
+    per step. The engine checks the labels once before training and the loss's finiteness at
+    logging steps, so it turns those per-step checks off unless ``check_inputs`` is given.
+    """
+    import inspect
+
+    from .losses import get_loss_entrypoint
+
+    kwargs = dict(config.loss_kwargs)
+    try:
+        params = inspect.signature(get_loss_entrypoint(config.method)).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "check_inputs" in params:
+        kwargs.setdefault("check_inputs", False)
+    return kwargs
 
 
 def _read_class_map(class_map: Any) -> Any:
@@ -1188,8 +1301,14 @@ def _check_teacher(run: _Run, teacher_given: bool) -> None:
     if run.wrapper is None or state["teacher_metrics"] is not None or config.teacher_check == "off":
         return
     res = evaluate_model(
-        run.accelerator, run.wrapper.teacher_logits, run.val_loader, run.metric,
-        max_steps=config.max_eval_steps, k=run.k_top, desc="teacher eval", progress=config.progress,
+        run.accelerator,
+        run.wrapper.teacher_logits,
+        run.val_loader,
+        run.metric,
+        max_steps=config.max_eval_steps,
+        k=run.k_top,
+        desc="teacher eval",
+        progress=config.progress,
     )
     state["teacher_metrics"] = _metric_floats(res.metrics)
     n = res.metrics["num_samples"]
@@ -1198,10 +1317,10 @@ def _check_teacher(run: _Run, teacher_given: bool) -> None:
         return
     msg = (
         f"broken teacher: {config.teacher} reaches top-1 {res.metrics['top1']:.2f}% on {config.dataset}"
-        f"[{config.val_split}] ({n} images), chance level is {100.0 / run.num_classes:.2f}%; distilling from it "
-        f"would teach noise. Check that the teacher predicts this dataset's classes (--class-map for another "
-        f"label set), that its weights loaded (pretrained tag or --teacher-checkpoint) and its input "
-        f"normalization. --teacher-check warn continues anyway."
+        f"[{config.val_split}] ({n} images), chance level is {100.0 / run.num_classes:.2f}%; distilling "
+        f"from it would teach noise. Check that the teacher predicts this dataset's classes (--class-map "
+        f"for another label set), that its weights loaded (pretrained tag or --teacher-checkpoint) and "
+        f"its input normalization. --teacher-check warn continues anyway."
     )
     mode = config.teacher_check
     if mode == "auto":
@@ -1221,7 +1340,8 @@ def _check_finite(run: _Run, where: str) -> None:
     if step < big:
         good = run.last_good
         raise TrainingDivergedError(
-            f"the loss became NaN/inf at optimizer step {step} (epoch {run.state['epoch'] + 1}; found {where}). "
+            f"the loss became NaN/inf at optimizer step {step} (epoch {run.state['epoch'] + 1}; "
+            f"found {where}). "
             f"Last good checkpoint: {good or 'none (none written yet)'}. Resume from it with "
             f"--resume {good or 'latest'} and a lower --lr, --clip-grad 1.0, or bf16 instead of fp16."
         )
@@ -1247,8 +1367,11 @@ def _train_epoch(run: _Run, bar) -> dict[str, float]:
     batches = iter(acc.skip_first_batches(run.train_loader, skip) if skip else run.train_loader)
     batch_idx = skip - 1
     sums: dict[str, torch.Tensor] = {}  # since the last log
-    ep_sums: dict[str, torch.Tensor] = {}  # since the start of the epoch (this process' part of it)
-    n_sum = ep_n = img_log = 0
+    ep_sums: dict[str, Any] = {}  # since the start of the epoch (this process' part of it)
+    ep_n = 0
+    if skip and state.get("epoch_partial"):  # resumed mid-epoch: the epoch's sums so far (rank mean)
+        ep_sums, ep_n = dict(state["epoch_partial"]["sums"]), state["epoch_partial"]["n"]
+    n_sum = img_log = 0
     t_log = time.time()
     while state["step_in_epoch"] < run.updates_per_epoch and state["global_step"] < run.total_updates:
         # one optimizer update = `accum` batches (fewer for the last update of an epoch)
@@ -1268,7 +1391,9 @@ def _train_epoch(run: _Run, bar) -> dict[str, float]:
                 images, target = run.mixup_fn(images, target)
             elif config.smoothing > 0:
                 off = config.smoothing / run.num_classes
-                target = one_hot(target, run.num_classes, on_value=1.0 - config.smoothing + off, off_value=off)
+                target = one_hot(
+                    target, run.num_classes, on_value=1.0 - config.smoothing + off, off_value=off
+                )
             epoch_f = epoch + 1 + state["step_in_epoch"] / run.updates_per_epoch  # 1-based, fractional
             sync = micro == n_group - 1
             with contextlib.nullcontext() if sync else acc.no_sync(student):
@@ -1282,7 +1407,8 @@ def _train_epoch(run: _Run, bar) -> dict[str, float]:
                             out = {"loss": ce, "ce": ce.detach(), "output": logits}
                 except FloatingPointError as e:  # the loss's own finiteness check (NaN/inf logits)
                     good = run.last_good
-                    earlier = int(run.bad_step)  # a NaN loss already seen here (no collective: may be one rank)
+                    # an earlier NaN loss seen here; no collective, this may be the only rank raising
+                    earlier = int(run.bad_step)
                     step = earlier if earlier >= 0 else state["global_step"] + 1
                     raise TrainingDivergedError(
                         f"the loss became NaN/inf at optimizer step {step} (epoch {epoch + 1}): "
@@ -1293,8 +1419,11 @@ def _train_epoch(run: _Run, bar) -> dict[str, float]:
             first_bad = torch.full_like(run.bad_step, state["global_step"] + 1)
             bad = ~torch.isfinite(out["loss"].detach())
             run.bad_step = torch.where(bad & (run.bad_step < 0), first_bad, run.bad_step)
-            terms = {k: v.detach().float() for k, v in out.items() if k not in ("output", "teacher_output")
-                     and torch.is_tensor(v) and v.dim() == 0}
+            terms = {
+                k: v.detach().float()
+                for k, v in out.items()
+                if k not in ("output", "teacher_output") and torch.is_tensor(v) and v.dim() == 0
+            }
             if "teacher_output" in out:
                 same = out["output"].argmax(-1) == out["teacher_output"].argmax(-1)
                 terms["agreement"] = same.float().mean() * 100
@@ -1326,27 +1455,42 @@ def _train_epoch(run: _Run, bar) -> dict[str, float]:
 
         if gs % config.log_every == 0 or gs == run.total_updates:
             _check_finite(run, "at a logging step")
-            keys = list(sums)
-            means = acc.reduce(torch.stack([sums[k] for k in keys]) / max(n_sum, 1), reduction="mean").tolist()
-            logs = {f"train/{k}": v for k, v in zip(keys, means)}
+            logs = {f"train/{k}": v / max(n_sum, 1) for k, v in _rank_mean(acc, sums).items()}
             logs["train/lr"] = run.optimizer.param_groups[0]["lr"]
             logs["train/img_per_s"] = img_log / max(time.time() - t_log, 1e-9)
             shown = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in logs.items()}
             bar.set_postfix(shown, refresh=False)
-            run.log(f"step {gs}/{run.total_updates} epoch {epoch + 1}: " + " ".join(f"{k} {v}" for k, v in shown.items()))
+            run.log(
+                f"step {gs}/{run.total_updates} epoch {epoch + 1}: "
+                + " ".join(f"{k} {v}" for k, v in shown.items())
+            )
             if config.report_to:
                 acc.log(logs, step=gs)
             sums, n_sum, img_log, t_log = {}, 0, 0, time.time()
         mid_epoch = state["step_in_epoch"] < run.updates_per_epoch
-        if config.checkpoint_every and gs % config.checkpoint_every == 0 and mid_epoch and gs < run.total_updates:
+        if (
+            config.checkpoint_every
+            and gs % config.checkpoint_every == 0
+            and mid_epoch
+            and gs < run.total_updates
+        ):
             _check_finite(run, "before writing a checkpoint")
-            run.last_good = str(save_checkpoint(acc, run.out_dir, _state_json(state), config.keep_checkpoints))
+            state["epoch_partial"] = {"n": ep_n, "sums": _rank_mean(acc, ep_sums)}
+            run.last_good = str(
+                save_checkpoint(acc, run.out_dir, _state_json(state), config.keep_checkpoints)
+            )
     _check_finite(run, "at the end of the epoch")
-    keys = list(ep_sums)
+    state["epoch_partial"] = None
+    return {k: v / max(ep_n, 1) for k, v in _rank_mean(acc, ep_sums).items()}
+
+
+def _rank_mean(acc, values: dict[str, Any]) -> dict[str, float]:
+    """The mean over processes of each value (a collective: every rank calls it at the same point)."""
+    keys = list(values)
     if not keys:
         return {}
-    means = acc.reduce(torch.stack([ep_sums[k] for k in keys]) / max(ep_n, 1), reduction="mean").tolist()
-    return dict(zip(keys, means))
+    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=acc.device) for k in keys])
+    return dict(zip(keys, acc.reduce(stacked, reduction="mean").tolist()))
 
 
 def _evaluate_epoch(run: _Run, train_means: dict[str, float]) -> EvalResult:
@@ -1356,11 +1500,19 @@ def _evaluate_epoch(run: _Run, train_means: dict[str, float]) -> EvalResult:
     model = run.model_ema.module if run.model_ema is not None else run.student
     model.eval()
     res = evaluate_model(
-        acc, model, run.val_loader, run.metric,
-        max_steps=config.max_eval_steps, k=run.k_top, desc=f"eval epoch {epoch + 1}", progress=config.progress,
+        acc,
+        model,
+        run.val_loader,
+        run.metric,
+        max_steps=config.max_eval_steps,
+        k=run.k_top,
+        desc=f"eval epoch {epoch + 1}",
+        progress=config.progress,
     )
     m = _metric_floats(res.metrics)
-    state["history"].append({"epoch": epoch + 1, "global_step": state["global_step"], **m, "train": train_means})
+    state["history"].append(
+        {"epoch": epoch + 1, "global_step": state["global_step"], **m, "train": train_means}
+    )
     if state["best_metrics"] is None or m["top1"] > state["best_metrics"]["top1"]:
         state["best_metrics"], state["best_epoch"] = m, epoch + 1
     terms = " ".join(f"{k} {v:.4g}" for k, v in train_means.items())
@@ -1416,17 +1568,21 @@ def fit(
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     run = _setup(config, accelerator, student, teacher)
     if config.report_to:
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}
+        flat = {
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()
+        }
         accelerator.init_trackers(run.out_dir.name or "timm_kd", config=flat)
     _check_teacher(run, teacher_given=teacher is not None)
 
     state = run.state
     n_params = sum(p.numel() for p in accelerator.unwrap_model(run.student).parameters()) / 1e6
-    how = f"with {config.method} from {config.teacher}" if run.wrapper is not None else "alone (cross-entropy)"
+    how = (
+        f"with {config.method} from {config.teacher}" if run.wrapper is not None else "alone (cross-entropy)"
+    )
     run.log(
-        f"training {config.student} ({n_params:.2f}M params) {how}: {accelerator.num_processes} process(es) x "
-        f"batch {config.batch_size} x accumulation {config.grad_accum_steps}, {run.updates_per_epoch} steps/epoch, "
-        f"{run.total_updates} steps, lr {run.lr:.4g}"
+        f"training {config.student} ({n_params:.2f}M params) {how}: {accelerator.num_processes} "
+        f"process(es) x batch {config.batch_size} x accumulation {config.grad_accum_steps}, "
+        f"{run.updates_per_epoch} steps/epoch, {run.total_updates} steps, lr {run.lr:.4g}"
     )
     bar = tqdm(
         total=run.total_updates,
@@ -1444,7 +1600,9 @@ def fit(
         if finished:
             state["epoch"] += 1
             state["step_in_epoch"] = 0
-            run.last_good = str(save_checkpoint(accelerator, run.out_dir, _state_json(state), config.keep_checkpoints))
+            run.last_good = str(
+                save_checkpoint(accelerator, run.out_dir, _state_json(state), config.keep_checkpoints)
+            )
     bar.close()
     return _finish(run, last_eval, t_start, card_meta or {})
 
@@ -1458,8 +1616,16 @@ def _finish(run: _Run, last_eval: EvalResult | None, t_start: float, card_meta: 
     final = getattr(final, "_orig_mod", final)  # torch.compile's wrapper
     final.eval()
     if last_eval is None:  # resumed a run that had already finished: evaluate once more
-        last_eval = evaluate_model(acc, final, run.val_loader, run.metric, max_steps=config.max_eval_steps,
-                                   k=run.k_top, desc="eval", progress=config.progress)
+        last_eval = evaluate_model(
+            acc,
+            final,
+            run.val_loader,
+            run.metric,
+            max_steps=config.max_eval_steps,
+            k=run.k_top,
+            desc="eval",
+            progress=config.progress,
+        )
     metrics = _metric_floats(last_eval.metrics)
     distill = run.wrapper is not None
     meta = {
@@ -1479,8 +1645,11 @@ def _finish(run: _Run, last_eval: EvalResult | None, t_start: float, card_meta: 
         "student_alone_metrics": None,
         "label_names": run.label_names,
         "license": config.license,
-        "data_config": {k: run.data_config[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")
-                        if k in run.data_config},
+        "data_config": {
+            k: run.data_config[k]
+            for k in ("input_size", "mean", "std", "crop_pct", "interpolation")
+            if k in run.data_config
+        },
         **card_meta,
     }
     summary = {
@@ -1504,13 +1673,15 @@ def _finish(run: _Run, last_eval: EvalResult | None, t_start: float, card_meta: 
         save_pretrained(final, out / STUDENT_DIR, **{k: v for k, v in meta.items() if v is not None})
         from safetensors.torch import save_file
 
-        save_file({"topk": last_eval.topk.contiguous(), "labels": last_eval.labels.contiguous()},
-                  str(out / PREDICTIONS_FILE))
+        save_file(
+            {"topk": last_eval.topk.contiguous(), "labels": last_eval.labels.contiguous()},
+            str(out / PREDICTIONS_FILE),
+        )
         _write_json_atomic(out / SUMMARY_FILE, summary)
     acc.wait_for_everyone()
     run.log(
-        f"done in {summary['run']['wall_time_s']:.0f}s, {state['global_step']} steps: last epoch {_fmt(metrics)} | "
-        f"best epoch {state['best_epoch']}: {_fmt(state['best_metrics'])}"
+        f"done in {summary['run']['wall_time_s']:.0f}s, {state['global_step']} steps: "
+        f"last epoch {_fmt(metrics)} | best epoch {state['best_epoch']}: {_fmt(state['best_metrics'])}"
         + (f" | teacher {_fmt(state['teacher_metrics'])}" if state["teacher_metrics"] else "")
         + f" | student saved to {out / STUDENT_DIR}"
     )
@@ -1532,7 +1703,7 @@ def _finish(run: _Run, last_eval: EvalResult | None, t_start: float, card_meta: 
 
 
 def publish(result: FitResult, repo_id: str, *, private: bool = False, token: str | None = None) -> Any:
-    """Push ``<output_dir>/student`` to the Hub repo ``repo_id`` with the run's model card (main process only).
+    """Push ``<output_dir>/student`` to the Hub repo ``repo_id`` with the run's card (main process only).
 
     Check the repo id and token before training with ``timm_kd.hub.check_push_ready(repo_id)``.
     Returns the ``CommitInfo`` on the main process, ``None`` elsewhere.

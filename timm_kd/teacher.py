@@ -23,18 +23,20 @@ antialiasing when shrinking, and stores each pass in uint8, so it clamps to the 
 each pass. ``torch.nn.functional.interpolate(antialias=True)`` uses PIL's kernels (bicubic with
 a = -0.5). Doing the same two clamped passes gives, on an image already at the student's
 resolution, the tensor timm's own transform gives the teacher up to PIL's uint8 rounding (at most
-~1.1/255 per pixel; tested). Without the intermediate clamp, bicubic overshoot at hard edges
-differs by up to ~17/255. Residual differences that no adapter can remove, measured on a
+~1.1/255 per pixel; tested). Resized in one pass, bicubic overshoot at hard edges differs by up
+to ~6/255 (~17/255 unclamped). Residual differences that no adapter can remove, measured on a
 96x80 test image (pixel units, mean abs):
 
 * the image is larger than the student's input: the teacher's own transform resamples the
   original once, the adapter resamples the student's already resampled view (64 -> 32 px:
-  about 0.6/255 on average);
+  about 0.4/255 on average);
 * the teacher's resolution is higher than the student's: detail lost at the student's resolution
-  cannot come back (32 -> 64 px: about 3/255 on average);
-* different ``crop_pct``: the teacher is shown the student's *view* (the same crop), not the
-  center crop its own eval transform would cut (crop_pct 0.9 vs 0.8: about 32/255 on average).
-  This is deliberate: in distillation the teacher must judge the very crop the student sees.
+  cannot come back (32 -> 64 px: about 3.4/255 on average);
+* a different field of view: the teacher is shown the student's *view* (the same crop), not the
+  center crop its own eval transform would cut (crop_pct 0.9 vs 0.8: about 32/255 on average;
+  even equal crop_pct differ slightly, since timm floors ``size / crop_pct``: 48 vs 64 px at
+  0.875, about 9/255). This is deliberate: in distillation the teacher must judge the very crop
+  the student sees.
 
 Values outside [0, 1] (bicubic overshoot, random-erasing noise) are clamped on the resize path,
 as a PIL image would; the normalization-only path is a pure affine map and clamps nothing.
@@ -526,7 +528,18 @@ class Teacher(nn.Module):
 
             m_in, s_in, m_t, s_t = t(self.input_mean), t(self.input_std), t(self.mean), t(self.std)
             cmap = self.class_map.to(device) if self.class_map is not None else None
-            c = (m_in, s_in, m_t, s_t, s_in / s_t, (m_in - m_t) / s_t, cmap)
+            # pixels -> teacher input, student input -> teacher input, pixels -> student input
+            c = (
+                m_in,
+                s_in,
+                1 / s_t,
+                -m_t / s_t,
+                s_in / s_t,
+                (m_in - m_t) / s_t,
+                1 / s_in,
+                -m_in / s_in,
+                cmap,
+            )
             self._consts[device] = c
         return c
 
@@ -545,7 +558,7 @@ class Teacher(nn.Module):
         resize = self.adapt_resolution and size != self.input_size
         if not resize and not self.renormalize:
             return images
-        m_in, s_in, m_t, s_t, scale, shift, _ = self._constants(images.device)
+        m_in, s_in, inv_s_t, shift_t, scale, shift, inv_s_in, shift_in, _ = self._constants(images.device)
         with torch.autocast(images.device.type, enabled=False):
             if resize:
                 self._info(
@@ -561,9 +574,9 @@ class Teacher(nn.Module):
                 pixels = torch.addcmul(m_in, images.float(), s_in)
                 pixels = resize_like_pil(pixels, self.input_size, self.interpolation)
                 if self.adapt_normalization:
-                    x = (pixels - m_t) / s_t
+                    x = torch.addcmul(shift_t, pixels, inv_s_t)
                 else:
-                    x = (pixels - m_in) / s_in
+                    x = torch.addcmul(shift_in, pixels, inv_s_in)
             else:
                 x = torch.addcmul(shift, images.float(), scale)
         return x.to(images.dtype) if images.is_floating_point() else x
@@ -582,6 +595,9 @@ class Teacher(nn.Module):
                 with torch.autocast(x.device.type, enabled=False):
                     logits = net(x.to(self.dtype))
             else:
+                p = next(model.parameters(), None)
+                if p is not None and x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+                    x = x.to(p.dtype)  # e.g. bf16 images for a student kept in bf16, teacher in fp32
                 logits = net(x)
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]

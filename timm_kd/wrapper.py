@@ -162,6 +162,30 @@ class DistillWrapper(TrainingTask):
         verbose: bool = True,
         **loss_kwargs: Any,
     ):
+        # -- the loss first: a typo in its arguments must fail before any model is downloaded
+        if isinstance(loss, str):
+            try:
+                loss_fn = create_loss(loss, **loss_kwargs)
+            except TypeError as e:
+                raise TypeError(
+                    f"DistillWrapper passes its unknown keyword arguments {sorted(loss_kwargs)} to the "
+                    f"{loss!r} loss, which refused them: {e}. Check the spelling against the loss's "
+                    f"docstring (help(timm_kd.create_loss({loss!r})))."
+                ) from None
+            loss_name = loss
+        else:
+            if loss_kwargs:
+                raise TypeError(
+                    f"loss is already a loss object; keyword arguments {sorted(loss_kwargs)} would be "
+                    f"ignored. Configure the object itself, or pass the loss by name: loss='kd', tau=4.0."
+                )
+            if not callable(loss):
+                raise TypeError(
+                    f"loss must be a registered loss name or a callable, got {type(loss).__name__}"
+                )
+            loss_fn = loss
+            loss_name = getattr(loss, "name", type(loss).__name__)
+
         # -- the student
         student_kwargs = dict(student_kwargs or {})
         if "num_classes" in student_kwargs:
@@ -246,34 +270,11 @@ class DistillWrapper(TrainingTask):
         self.student = student_model
         self.teacher = frozen  # a plain attribute: see the module docstring
         self.teacher.to(self.device)
-
-        # -- the loss
-        if isinstance(loss, str):
-            try:
-                loss_fn = create_loss(loss, **loss_kwargs)
-            except TypeError as e:
-                raise TypeError(
-                    f"DistillWrapper passes its unknown keyword arguments {sorted(loss_kwargs)} to the "
-                    f"{loss!r} loss, which refused them: {e}. Check the spelling against the loss's "
-                    f"docstring (help(timm_kd.create_loss({loss!r})))."
-                ) from None
-            self.loss_name = loss
-        else:
-            if loss_kwargs:
-                raise TypeError(
-                    f"loss is already a loss object; keyword arguments {sorted(loss_kwargs)} would be "
-                    f"ignored. "
-                    f"Configure the object itself, or pass the loss by name: loss='kd', tau=4.0."
-                )
-            if not callable(loss):
-                raise TypeError(
-                    f"loss must be a registered loss name or a callable, got {type(loss).__name__}"
-                )
-            loss_fn = loss
-            self.loss_name = getattr(loss, "name", type(loss).__name__)
         self.loss_fn = loss_fn
+        self.loss_name = loss_name
         if isinstance(loss_fn, nn.Module):
             loss_fn.to(self.device)
+
         self.loss_kwargs = dict(loss_kwargs)
         self.student_name = student if isinstance(student, str) else None
         self.teacher_name = teacher if isinstance(teacher, str) else None
@@ -288,9 +289,8 @@ class DistillWrapper(TrainingTask):
                     f"wrapper.teacher must be a timm_kd.teacher.Teacher, got {type(value).__name__}; build a "
                     f"new DistillWrapper to change the teacher network."
                 )
-            object.__setattr__(
-                self, "teacher", value
-            )  # kept out of _modules: no parameters(), no state_dict()
+            # kept out of _modules: not in parameters(), state_dict(), modules()
+            object.__setattr__(self, "teacher", value)
             return
         if name == "trainable_module":  # timm's TrainingTask name for the student
             name = "student"

@@ -46,9 +46,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ._base import DistillLoss, check_non_negative, check_positive, cross_entropy, kl_div, warmup_factor
+from ._base import DistillLoss, check_non_negative, check_positive, cross_entropy, warmup_factor
+from ._kl import tempered_kl
 from ._registry import register_loss
 from .kd import kd_term
 from .standardize import standardize_logits
@@ -86,13 +86,12 @@ def dtkd_term(
     reduce: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``L_DTKD`` (batch mean, or per sample) and the per-sample temperatures ``(T_t, T_s)``, each ``[B]``."""
-    t_t, t_s = dtkd_temperatures(
-        student_logits.amax(dim=-1, keepdim=True), teacher_logits.amax(dim=-1, keepdim=True), tau, max_temp_ratio
-    )
-    log_p = F.log_softmax(teacher_logits / t_t, dim=-1)
-    log_q = F.log_softmax(student_logits / t_s, dim=-1)
+    # torch.max(dim) as in the authors' code: the gradient of x_s goes to the (first) argmax
+    student_max = student_logits.max(dim=-1, keepdim=True).values
+    t_t, t_s = dtkd_temperatures(student_max, teacher_logits.amax(dim=-1, keepdim=True), tau, max_temp_ratio)
+    kl = tempered_kl(student_logits, teacher_logits, t_s, t_t)
     t_t, t_s = t_t.squeeze(-1), t_s.squeeze(-1)
-    per_sample = kl_div(log_p, log_q, reduce=False) * t_t * t_s
+    per_sample = kl * t_t * t_s
     return (per_sample.mean() if reduce else per_sample), t_t, t_s
 
 

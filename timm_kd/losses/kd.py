@@ -16,9 +16,9 @@ With ``logit_standardize=True`` both logit vectors are z-scored first (see ``sta
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ._base import DistillLoss, check_non_negative, check_positive, cross_entropy, kl_div
+from ._base import DistillLoss, check_non_negative, check_positive, cross_entropy
+from ._kl import tempered_kl
 from ._registry import register_loss
 from .standardize import standardize_logits
 
@@ -28,10 +28,12 @@ __all__ = ["KDLoss", "kd_term"]
 def kd_term(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float, reduce: bool = True
 ) -> torch.Tensor:
-    """``tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau))``, batch mean (or per sample)."""
-    log_p = F.log_softmax(teacher_logits / tau, dim=-1)
-    log_q = F.log_softmax(student_logits / tau, dim=-1)
-    return kl_div(log_p, log_q, reduce=reduce) * tau**2
+    """``tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau))``, batch mean (or per sample).
+
+    Its student gradient is ``tau * (q - p) / B`` (``_kl.py`` computes it in closed form).
+    """
+    kl = tempered_kl(student_logits, teacher_logits, tau, tau) * tau**2
+    return kl.mean() if reduce else kl
 
 
 @register_loss("kd")

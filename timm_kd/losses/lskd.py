@@ -39,5 +39,9 @@ class LSKDLoss(KDLoss):
         check_inputs: bool = True,
     ):
         super().__init__(
-            tau=tau, ce_weight=ce_weight, kd_weight=kd_weight, logit_standardize=True, check_inputs=check_inputs
+            tau=tau,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            logit_standardize=True,
+            check_inputs=check_inputs,
         )

@@ -2,6 +2,7 @@
 
 ``load_topk_metric()`` returns the top-1/top-5 accuracy metric (``topk_accuracy/topk_accuracy.py``).
 """
+
 from __future__ import annotations
 
 import os

@@ -26,6 +26,7 @@ only) or a list of class ids per sample ranked best first (top-k for every k up 
 ``compute(..., k=(1, 5))`` chooses which ``top{k}`` keys are returned; a k larger than the number of
 ranked ids given (or of classes) is left out rather than reported wrong.
 """
+
 import datasets
 import evaluate
 import numpy as np
@@ -60,13 +61,21 @@ class TopkAccuracy(evaluate.Metric):
     def _info(self):
         if self.config_name == "logits":
             features = datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
+                {
+                    "predictions": datasets.Sequence(datasets.Value("float32")),
+                    "references": datasets.Value("int64"),
+                }
             )
         elif self.config_name == "default":
             features = [
-                datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
                 datasets.Features(
-                    {"predictions": datasets.Sequence(datasets.Value("int64")), "references": datasets.Value("int64")}
+                    {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+                ),
+                datasets.Features(
+                    {
+                        "predictions": datasets.Sequence(datasets.Value("int64")),
+                        "references": datasets.Value("int64"),
+                    }
                 ),
             ]
         else:
