@@ -112,7 +112,9 @@ def main() -> None:
                         help=f"named settings {sorted(SETTINGS)} or custom ones written "
                         f"name:key=value,key=value (e.g. hard:noise=0.5,max_shift=3,num_source_digits=None)")
     parser.add_argument("--student", default="test_resnet", help="small model (timm name)")
-    parser.add_argument("--teacher", default="resnet18", help="large model (timm name)")
+    parser.add_argument("--teacher", default="resnet10t", help="large model (timm name)")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="train these models instead of --student and --teacher")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -127,7 +129,7 @@ def main() -> None:
     for setting in args.settings:
         kwargs = parse_setting(setting)
         setting = setting.split(":")[0]
-        for name in (args.student, args.teacher):
+        for name in args.models or (args.student, args.teacher):
             row = {"setting": setting, **train_alone(name, kwargs, args)}
             rows.append(row)
             print(f"{setting:>10} {name:>14}: top-1 {row['top1']:.1f} % in {row['train_s']:.0f} s",

@@ -113,6 +113,10 @@ def test_difficulty_knobs_make_the_task_harder():
     easy = _one_nn_accuracy(num_source_digits=None, noise=0.0, max_shift=0)
     default = _one_nn_accuracy()
     assert easy > default + 0.2, (easy, default)
+    distorted = D.make_embedded_dataset("test", num_test=20, noise=0.0, distortion=1.0, with_sources=True)
+    plain = D.make_embedded_dataset("test", num_test=20, noise=0.0, distortion=0.0, with_sources=True)
+    assert distorted["source_left"] == plain["source_left"]  # same pairs, other pixels
+    assert not np.array_equal(_pixels(distorted), _pixels(plain))
     noisy = D.make_embedded_dataset("test", num_test=50, noise=0.5)
     clean = D.make_embedded_dataset("test", num_test=50, noise=0.0)
     assert _pixels(noisy)[:, :4].std() > 3 * _pixels(clean)[:, :4].std()  # the empty top rows
@@ -124,6 +128,7 @@ def test_difficulty_knobs_make_the_task_harder():
         ({"num_source_digits": 5}, "num_source_digits must be an int from 10"),
         ({"num_source_digits": 5000}, "to 1198"),
         ({"noise": -1.0}, "noise must be"),
+        ({"distortion": 1.5}, r"distortion must be a number in \[0, 1\]"),
         ({"image_size": 15}, "image_size must be an even int"),
         ({"split": "validation"}, "splits 'train' and 'test'"),
         ({"seed": -1}, "seed must be a non-negative int"),

@@ -328,7 +328,7 @@ def test_short_schedule_from_a_fresh_student_authors_form_fails_guard_trains(one
         student, losses = _train_student(teacher, batch, lambda s, t, y, f=loss_fn: f(s, t, y)["loss"])
         runs[ratio] = (accuracy(student), *quarter_means(losses))
         acc, first, last = runs[ratio]
-        print(f"max_temp_ratio={ratio}: accuracy {acc:.3f}, loss {first:.2f} -> {last:.2f} (first/last quarter)")
+        print(f"max_temp_ratio={ratio}: accuracy {acc:.3f}, loss {first:.2f} -> {last:.2f} (quarters)")
     acc_guard, first_guard, last_guard = runs[4.0]
     acc_none, _, last_none = runs[None]
     assert all(math.isfinite(v) for v in runs[4.0] + runs[None])

@@ -166,6 +166,23 @@ def _upscaled_digits(size: int) -> np.ndarray:
     return out
 
 
+def _distort(digits: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Random affine distortion of each digit: rotation up to +-20 deg, scale 1 +- 0.25, shear
+    +-0.3, all times ``strength`` (bilinear resampling, zero padding)."""
+    n = len(digits)
+    angle = np.deg2rad(20.0) * strength * rng.uniform(-1, 1, n)
+    scale = 1.0 + 0.25 * strength * rng.uniform(-1, 1, n)
+    shear = 0.3 * strength * rng.uniform(-1, 1, n)
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale  # theta maps output to input coords
+    theta = np.zeros((n, 2, 3), dtype=np.float32)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin + shear
+    theta[:, 1, 0], theta[:, 1, 1] = sin, cos
+    batch = torch.from_numpy(np.ascontiguousarray(digits))[:, None]
+    grid = torch.nn.functional.affine_grid(torch.from_numpy(theta), list(batch.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(batch, grid, mode="bilinear", align_corners=False)
+    return out[:, 0].clamp_(0, 1).numpy()
+
+
 def _encode_png(gray: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -181,6 +198,7 @@ def make_embedded_dataset(
     num_source_digits: int | None = 150,
     noise: float = 0.3,
     max_shift: int = 2,
+    distortion: float = 0.0,
     image_size: int = 32,
     num_train: int = 10_000,
     num_test: int = 2_000,
@@ -232,6 +250,8 @@ def make_embedded_dataset(
         raise ValueError(f"noise must be a number >= 0, got {noise!r}")
     if not (isinstance(max_shift, int) and max_shift >= 0):
         raise ValueError(f"max_shift must be an int >= 0, got {max_shift!r}")
+    if not (isinstance(distortion, (int, float)) and 0 <= distortion <= 1):
+        raise ValueError(f"distortion must be a number in [0, 1], got {distortion!r}")
     if not (isinstance(image_size, int) and image_size >= 16 and image_size % 2 == 0):
         raise ValueError(f"image_size must be an even int >= 16, got {image_size!r}")
     num = num_train if split == "train" else num_test
@@ -254,15 +274,19 @@ def make_embedded_dataset(
 
     half = image_size // 2
     digits = _upscaled_digits(half)
+    left_digits, right_digits = digits[left], digits[right]
+    if distortion > 0:
+        left_digits = _distort(left_digits, distortion, rng)
+        right_digits = _distort(right_digits, distortion, rng)
     pad = max_shift
     canvas = np.zeros((num, image_size + 2 * pad, image_size + 2 * pad), dtype=np.float32)
     top = pad + (image_size - half) // 2
     for i in range(num):
         dy, dx = top + shifts[i, 0], pad + shifts[i, 1]
-        canvas[i, dy : dy + half, dx : dx + half] = digits[left[i]]
+        canvas[i, dy : dy + half, dx : dx + half] = left_digits[i]
         dy, dx = top + shifts[i, 2], pad + half + shifts[i, 3]
         region = canvas[i, dy : dy + half, dx : dx + half]
-        np.maximum(region, digits[right[i]], out=region)
+        np.maximum(region, right_digits[i], out=region)
     canvas = canvas[:, pad : pad + image_size, pad : pad + image_size]
     if noise > 0:
         canvas = canvas + rng.normal(0.0, noise, size=canvas.shape).astype(np.float32)
@@ -285,7 +309,7 @@ def make_embedded_dataset(
         description=(
             f"timm-kd embedded dataset: two-digit numbers 00-99 from scikit-learn's handwritten digits "
             f"(seed={seed}, num_source_digits={num_source_digits}, noise={noise}, max_shift={max_shift}, "
-            f"image_size={image_size})"
+            f"distortion={distortion}, image_size={image_size})"
         ),
         citation=(
             "Alpaydin, E. and Kaynak, C. (1998). Optical Recognition of Handwritten Digits. "

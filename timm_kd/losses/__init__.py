@@ -6,7 +6,7 @@ Every loss follows one calling convention (see ``_base.py``)::
 
 Create them by name with ``create_loss("ats", tau_correct=4.0, tau_wrong=2.0)``; list them with
 ``list_losses()``; add your own with ``@register_loss("name")`` or the ``timm_kd.losses``
-entry-point group.
+entry-point group. Importing a method's module registers it: one file per method.
 """
 from ._base import DistillLoss, LossInputs, cross_entropy, kl_div, soft_cross_entropy
 from ._registry import (
@@ -26,14 +26,37 @@ from .ats import (
     label_gap,
     wrong_class_moments,
 )
+from .dist import DISTLoss
+from .dkd import DKDLoss
+from .dtkd import DTKDLoss
 from .kd import KDLoss, kd_term
+from .lskd import LSKDLoss
 from .standardize import standardize_logits
 
-# Importing a loss module registers it. Keep one import per method file.
-for _mod in ("ats", "dtkd", "dkd", "dist", "lskd"):
-    try:
-        __import__(f"{__name__}.{_mod}")
-    except ModuleNotFoundError as _e:  # pragma: no cover - files land one by one during development
-        if _e.name != f"{__name__}.{_mod}":
-            raise
-del _mod
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ATSLoss",
+    "DISTLoss",
+    "DKDLoss",
+    "DTKDLoss",
+    "DistillLoss",
+    "ISATSLoss",
+    "KDLoss",
+    "LSKDLoss",
+    "LossInputs",
+    "ats_target_probs",
+    "create_loss",
+    "cross_entropy",
+    "get_loss_entrypoint",
+    "is_loss",
+    "isats_candidates",
+    "isats_select_tau_wrong",
+    "kd_term",
+    "kl_div",
+    "label_gap",
+    "list_losses",
+    "register_loss",
+    "soft_cross_entropy",
+    "standardize_logits",
+    "wrong_class_moments",
+]

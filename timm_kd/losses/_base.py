@@ -204,9 +204,9 @@ class DistillLoss(nn.Module):
                 if lo < 0 or hi >= C:
                     bad = lo if lo < 0 else hi
                     raise ValueError(
-                        f"{name}: label {bad} is outside [0, {C}) for logits with {C} classes. Check that the "
-                        f"dataset's classes match the model's num_classes (ignore-index labels such as -100 "
-                        f"are not supported by distillation losses; drop those samples first)."
+                        f"{name}: label {bad} is outside [0, {C}) for logits with {C} classes. Check that "
+                        f"the dataset's classes match the model's num_classes (ignore-index labels such as "
+                        f"-100 are not supported by distillation losses; drop those samples first)."
                     )
             if not _all_finite(student_logits):
                 raise FloatingPointError(

@@ -26,7 +26,7 @@ class _Standardize(torch.autograd.Function):
         dL/dz = (g - mean(g)) / (sigma + eps) - y * sum(g * y) / ((n - 1) * sigma)
 
     (the second term is 0 for a constant row, where ``y = 0``). Autograd through the same steps
-    runs ~10x longer on [256, 1000] logits (benchmarks/losses.py); tests gradcheck it in float64.
+    takes about twice as long on [256, 1000] logits; tests gradcheck it in float64.
     """
 
     @staticmethod
@@ -54,7 +54,7 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Z-score ``logits`` over the last (class) dimension: ``(z - mean) / (std + eps)``, ddof = 1.
 
     Same value as the authors' ``(z - z.mean()) / (1e-7 + z.std())``. The std is summed from the
-    centred logits (two passes, like ``torch.std``, whose CPU kernel is ~20x slower than a mean on
+    centred logits (two passes, like ``torch.std``, whose CPU kernel takes ~100x a mean's time on
     [256, 1000] logits), and the backward is written out (``_Standardize``).
     """
     n = logits.shape[-1]
