@@ -15,6 +15,18 @@ Every stage is one call of timm_kd.engine.fit, the function the ImageNet recipes
 is saved in timm's format and loaded back from that folder for stage 3; the distilled student is
 saved in timm's format too, ready for `timm.create_model("local-dir:<path>", pretrained=True)` or
 `timm-kd push <run dir> your-name/repo`. Run folders, logs and checkpoints go to --output-dir.
+
+Measured with the defaults on a 2-core CPU shared with other jobs (load 2-4), 7.8 minutes wall
+time in all (the teacher takes more than half). Runs are seeded: two runs here gave this same table
+(other machines may differ slightly through floating-point rounding):
+
+    model                                  params  top-1 %  top-5 %
+    teacher resnet10t (CE)                  4.97M    84.15    98.30
+    student test_resnet alone (CE)          0.38M    74.35    93.20
+    student test_resnet distilled (ats)     0.38M    79.60    96.45
+
+With --teacher-epochs 2 it takes 5.3 minutes: teacher 79.15 %, student alone 74.35 %, distilled
+78.90 %.
 """
 
 import argparse

@@ -718,7 +718,8 @@ def verify_images(
     finally:
         if not progress:
             datasets.enable_progress_bars()
-    corrupt = list(zip(found["index"], found["what"]))
+    # A clean dataset maps to zero rows, and datasets then drops the columns too.
+    corrupt = list(zip(found["index"], found["what"])) if len(found) else []
     if not corrupt:
         return dataset, []
     if on_corrupt == "error":
