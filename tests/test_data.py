@@ -167,6 +167,8 @@ def test_image_folder_with_png_and_jpeg(tmp_path):
     with pytest.raises(ValueError, match=r"no split 'test'; available splits: train, validation"):
         D.load_image_dataset(str(tmp_path), "test")
     D.check_labels(train, 3)
+    verified, corrupt = D.verify_images(train, progress=False)  # clean data: nothing to report
+    assert corrupt == [] and verified is train
 
 
 def test_image_folder_without_class_folders_and_without_images(tmp_path):
