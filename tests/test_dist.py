@@ -114,3 +114,24 @@ def test_bad_inputs_fail_with_the_fix():
         loss(s, t, torch.tensor([0, 5, 2]))
     with pytest.raises(FloatingPointError, match="student_logits contain NaN"):
         loss(s.clone().fill_(float("nan")), t, torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_fused_cross_entropy_gradcheck_float64(soft):
+    """At tau = 1 the Function also computes cross-entropy from the student softmax; its backward
+    (relations + CE) against finite differences, hard and soft labels."""
+    from timm_kd.losses.dist import _DISTRelations
+
+    s, t, y = random_batch(5, 7, seed=21)
+    target = torch.softmax(torch.randn(5, 7, dtype=torch.float64), -1) if soft else None
+
+    def objective(z):
+        inter, intra, ce = _DISTRelations.apply(z, t, y.unsqueeze(1), target)
+        return 0.7 * inter + 1.3 * intra + 0.9 * ce
+
+    assert torch.autograd.gradcheck(objective, (s.requires_grad_(True),))
+    inter, intra, ce = _DISTRelations.apply(s, t, y.unsqueeze(1), target)
+    expected = -(target * torch.log_softmax(s, -1)).sum(-1).mean() if soft else ref_cross_entropy(s, y)
+    assert ce.item() == pytest.approx(expected.item(), abs=1e-12)
+    ref_inter, ref_intra = ref_dist_terms(s, t, 1.0)
+    assert (inter.item(), intra.item()) == pytest.approx((ref_inter.item(), ref_intra.item()), abs=1e-12)

@@ -334,3 +334,40 @@ def test_short_schedule_from_a_fresh_student_authors_form_fails_guard_trains(one
     assert all(math.isfinite(v) for v in runs[4.0] + runs[None])
     assert last_guard < 0.5 * first_guard and acc_guard > 0.6  # trains; chance is 0.1
     assert last_none > 2 * last_guard and acc_none < acc_guard - 0.2  # unguarded stalls
+
+
+@pytest.mark.parametrize("max_temp_ratio", [4.0, None])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("clamped", [False, True])
+def test_fused_objective_gradcheck_float64(max_temp_ratio, soft, clamped):
+    """The one-Function objective (``_fused.dtkd_objective``) against finite differences, the gradient
+    through both temperatures included; ``clamped`` puts x_s far below x_t, where the guard holds them."""
+    from timm_kd.losses._fused import dtkd_objective
+
+    s, t, y = positive_max_batch(4, 6, seed=12)
+    if clamped:
+        s, t = s - s.amax(-1, keepdim=True) + 0.2, t * 3
+    target = torch.softmax(torch.randn(4, 6, dtype=torch.float64), -1) if soft else None
+    t_max = t.amax(-1, keepdim=True)
+
+    def objective(z):
+        temps = lambda xs: dtkd_temperatures(xs, t_max, 4.0, max_temp_ratio)  # noqa: E731
+        return dtkd_objective(z, t, y, target, 4.0, 0.7, 0.5, 3.0, temps)[0]
+
+    assert torch.autograd.gradcheck(objective, (s.requires_grad_(True),))
+
+
+def test_fused_objective_matches_the_separate_terms():
+    from timm_kd.losses._fused import dtkd_objective
+
+    s, t, y = positive_max_batch(8, 30, seed=13)
+    t_max = t.amax(-1, keepdim=True)
+    loss, ce, kd, dtkd, temp_t, temp_s = dtkd_objective(
+        s, t, y, None, 4.0, 1.0, 1.0, 3.0, lambda xs: dtkd_temperatures(xs, t_max, 4.0)
+    )
+    term, ref_t, ref_s = ref_dtkd_terms(s, t, 4.0)
+    assert dtkd.item() == pytest.approx(term.item(), abs=1e-10)
+    assert kd.item() == pytest.approx(ref_kd(s, t, 4.0).item(), abs=1e-10)
+    torch.testing.assert_close(temp_t, ref_t)
+    torch.testing.assert_close(temp_s, ref_s)
+    assert loss.item() == pytest.approx((ce + kd + 3.0 * dtkd).item(), abs=1e-10)

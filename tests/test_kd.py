@@ -134,3 +134,41 @@ def test_bad_inputs_fail_with_the_fix():
         loss(s.clone().index_fill_(0, torch.tensor([1]), float("nan")), t, y)
     with pytest.raises(FloatingPointError, match="teacher_logits contain NaN or inf"):
         loss(s, t.clone().index_fill_(0, torch.tensor([2]), float("inf")), y)
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("kl", [False, True])
+def test_fused_objective_gradcheck_float64(tau, soft, standardize, kl):
+    """The fused CE + soft-target Function (``_fused.py``): its closed-form backward against finite
+    differences, for KL (kd) and soft cross-entropy (ats), hard and soft labels, raw and z-scored logits."""
+    from timm_kd.losses._fused import soft_target_objective
+
+    s, t, y = random_batch(4, 6, seed=5)
+    p, log_p = torch.softmax(t / 2.0, -1), torch.log_softmax(t / 2.0, -1)
+    target = torch.softmax(torch.randn(4, 6, dtype=torch.float64), -1) if soft else None
+    eps = 1e-7 if standardize else None
+
+    def objective(z):
+        h = (p * log_p).sum(-1) if kl else None  # <p, log p>: KL instead of soft cross-entropy
+        return soft_target_objective(z, y, target, p, tau, 0.3, 0.7, h, eps)[0]
+
+    assert torch.autograd.gradcheck(objective, (s.requires_grad_(True),))
+
+
+def test_fused_objective_value_matches_separate_terms():
+    from timm_kd.losses._fused import soft_target_objective
+
+    s, t, y = random_batch(8, 20, seed=6)
+    p = torch.softmax(t / 3.0, -1)
+    h = (p * torch.log_softmax(t / 3.0, -1)).sum(-1)
+    loss, ce, kd = soft_target_objective(s, y, None, p, 3.0, 0.25, 0.75, h)
+    assert ce.item() == pytest.approx(ref_cross_entropy(s, y).item(), abs=1e-12)
+    assert kd.item() == pytest.approx(ref_kd(s, t, 3.0).item(), abs=1e-12)
+    assert loss.item() == pytest.approx(0.25 * ce.item() + 0.75 * kd.item(), abs=1e-12)
+    # z-scored student logits (folded into the Function) against the reference z-score
+    zt = ref_standardize(t)
+    p_std, log_p_std = torch.softmax(zt / 3.0, -1), torch.log_softmax(zt / 3.0, -1)
+    _, _, kd_std = soft_target_objective(s, y, None, p_std, 3.0, 0.0, 1.0, (p_std * log_p_std).sum(-1), 1e-7)
+    assert kd_std.item() == pytest.approx(ref_kd(ref_standardize(s), zt, 3.0).item(), abs=1e-10)

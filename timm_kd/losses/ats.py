@@ -45,11 +45,11 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ._base import DistillLoss, check_non_negative, check_positive, cross_entropy, soft_cross_entropy
+from ._base import DistillLoss, check_non_negative, check_positive
+from ._fused import soft_target_objective
 from ._registry import register_loss
-from .standardize import standardize_logits
+from .standardize import STANDARDIZE_EPS, standardize_logits
 
 __all__ = [
     "ATSLoss",
@@ -172,6 +172,35 @@ def isats_candidates(tau_min: float, tau_max: float, num: int) -> tuple[float, .
     return tuple(tau_max * (tau_min / tau_max) ** (k / (num - 1)) for k in range(num))
 
 
+def _exp_sums(d: torch.Tensor, betas: Sequence[float]) -> dict[float, torch.Tensor]:
+    """``{beta: sum_k exp(beta * d_k)}`` (``[B]``, as float64) for every ``beta`` in ``betas``.
+
+    ``exp(2 beta d) = exp(beta d)^2``: a ``beta`` whose half is also wanted costs a squaring (or,
+    for the last of a doubling chain, just the row norm), not a multiply and an ``exp``. ISATS's
+    default grid (τ2 a factor √2 apart, each needing ``beta = 1/τ2`` and ``2/τ2``) needs two
+    ``exp`` passes instead of five.
+    """
+    wanted = sorted(set(betas))
+
+    def find(b: float) -> float | None:
+        return next((w for w in wanted if math.isclose(w, b, rel_tol=1e-9)), None)
+
+    sums: dict[float, torch.Tensor] = {}
+    for beta in wanted:
+        if beta in sums:
+            continue
+        e = torch.mul(d, beta).exp_()
+        sums[beta] = e.sum(dim=1).double()
+        nxt = find(2.0 * beta)
+        while nxt is not None and nxt not in sums:
+            sums[nxt] = torch.linalg.vector_norm(e, dim=1).double().square_()
+            beta, nxt = nxt, find(2.0 * nxt)
+            if nxt is None or nxt in sums:
+                break
+            e.square_()  # exp(beta d) for the new beta
+    return sums
+
+
 @torch.no_grad()
 def isats_select_tau_wrong(
     teacher_logits: torch.Tensor,
@@ -182,9 +211,9 @@ def isats_select_tau_wrong(
 ) -> torch.Tensor:
     """ISATS: per sample, the τ2 among ``candidates`` that maximizes the derived variance.
 
-    For each candidate τ2 the ATS target ``p = ats_target_probs(z, y, τ1, τ2)`` is formed and its
-    wrong-class population variance ``v(p) = (1 - p_y)^2 · v(p̃)`` computed
-    (``wrong_class_moments``). Each sample gets the τ2 with the largest ``v(p)``, subject to:
+    For each candidate τ2, the ATS target ``p = ats_target_probs(z, y, τ1, τ2)`` has the
+    wrong-class population variance ``v(p) = (1 - p_y)^2 · v(p̃)`` (``wrong_class_moments``). Each
+    sample gets the τ2 with the largest ``v(p)``, subject to:
 
     * ``keep_label_argmax`` (default): only candidates whose target keeps the label the argmax
       (``label_gap == 0``) compete. Without this, a small τ2 wins whenever the top wrong logit
@@ -194,18 +223,40 @@ def isats_select_tau_wrong(
       target has the smallest gap between the top wrong class and the label (``label_gap``).
     * ties go to the larger τ2 (candidates are tried largest first).
 
-    Computed without gradient, in the logits' dtype; returns a ``[B]`` tensor of temperatures.
+    The targets are never formed. With ``m`` the largest wrong-class logit, ``d_k = z_k - m``
+    (``k != y``), ``beta = 1 / τ2``, ``S_j = sum_{k != y} exp(j beta d_k)`` and
+    ``a = z_y / τ1 - beta m`` (the label's log-weight against the top wrong class, weight 1)::
+
+        1 - p_y = S_1 / (S_1 + e^a),   v(p̃) = S_2 / ((C - 1) S_1^2) - 1 / (C - 1)^2
+        label_gap = p_y - max_k p_k = min(0, e^a - 1) / (S_1 + e^a)
+
+    so each candidate costs the row sums ``S_1`` and ``S_2`` of ``exp(beta d)`` (``_exp_sums``); the
+    rest is ``[B]`` arithmetic in float64. Returns a ``[B]`` tensor of temperatures
+    in the logits' dtype.
     """
     cands = sorted((check_positive("tau_wrong candidate", c, "isats") for c in candidates), reverse=True)
     if not cands:
         raise ValueError("isats: the tau_wrong candidate set is empty; pass at least one temperature")
-    _check_labels(teacher_logits, labels)
-    scores, gaps = [], []
-    for tau_wrong in cands:  # a loop over [B, C] is faster on CPU than one [K*B, C] batch
-        p = ats_target_probs(teacher_logits, labels, tau_correct, tau_wrong)
-        scores.append(wrong_class_moments(p, labels)[1])
-        gaps.append(label_gap(p, labels))
-    score, gap = torch.stack(scores), torch.stack(gaps)  # [K, B]
+    idx = _check_labels(teacher_logits, labels)
+    C = teacher_logits.shape[-1]
+    if C < 2:
+        raise ValueError(f"isats: wrong-class statistics need at least 2 classes, got {C}")
+    d = teacher_logits.scatter(-1, idx, -math.inf)  # wrong classes only: exp() gives 0 on the label
+    top = d.amax(dim=-1, keepdim=True)
+    d = d.sub_(top)
+    sums = _exp_sums(d, [b for c in cands for b in (1.0 / c, 2.0 / c)])
+    s1 = torch.stack([_lookup(sums, 1.0 / c) for c in cands])  # [K, B]
+    s2 = torch.stack([_lookup(sums, 2.0 / c) for c in cands])
+    beta = torch.tensor([1.0 / c for c in cands], dtype=torch.float64, device=d.device).unsqueeze(1)
+    z_y = teacher_logits.gather(-1, idx).squeeze(-1).double()
+    a = z_y / tau_correct - beta * top.squeeze(-1).double()
+    shift = a.clamp_min(0.0)  # the normalizer (S_1 + e^a) e^-shift cannot overflow
+    e_a, e_0 = torch.exp(a - shift), torch.exp(-shift)
+    norm = s1 * e_0 + e_a
+    wrong = s1 * e_0 / norm  # 1 - p_y
+    inherent = (s2 / (s1 * s1) / (C - 1) - 1.0 / (C - 1) ** 2).clamp_min(0.0)
+    score = wrong * wrong * inherent  # [K, B]
+    gap = (e_a - e_0).clamp_max(0.0) / norm
     if keep_label_argmax:
         ok = gap >= 0
         score = torch.where(ok, score, torch.full_like(score, -math.inf))
@@ -213,6 +264,10 @@ def isats_select_tau_wrong(
     best = score.argmax(dim=0)  # first maximum: the largest τ2 among ties
     taus = torch.tensor(cands, dtype=teacher_logits.dtype, device=teacher_logits.device)
     return taus[best]
+
+
+def _lookup(sums: dict[float, torch.Tensor], beta: float) -> torch.Tensor:
+    return next(v for b, v in sums.items() if math.isclose(b, beta, rel_tol=1e-9))
 
 
 def _check_lambda(kd_weight: float, loss: str) -> float:
@@ -236,21 +291,20 @@ def _ats_objective(
     x = loss.prepare(student_logits, teacher_logits, target)
     out: dict[str, torch.Tensor] = {}
     with loss.float32(x.student):
-        zs, zt = x.student, x.teacher
-        if loss.logit_standardize:
-            zs, zt = standardize_logits(zs), standardize_logits(zt)
+        zt = standardize_logits(x.teacher) if loss.logit_standardize else x.teacher
         if tau_wrong is None:
             tau_wrong = isats_select_tau_wrong(
                 zt, x.labels, loss.tau_correct, loss.tau_wrong_candidates, loss.keep_label_argmax
             )
             out["tau_wrong_mean"] = tau_wrong.mean()
         p = ats_target_probs(zt, x.labels, loss.tau_correct, tau_wrong)
-        s = loss.student_tau
-        kd = soft_cross_entropy(p, F.log_softmax(zs / s, dim=-1)) * s**2
-        ce = cross_entropy(x.student, x.target)
-        total = (1.0 - loss.kd_weight) * ce + loss.kd_weight * kd
+        # (1 - λ) CE + λ s^2 softCE(p, softmax(z_s / s)) in one Function (``_fused.py``)
+        total, ce, kd = soft_target_objective(
+            x.student, x.labels, x.target if x.soft else None, p, loss.student_tau, 1.0 - loss.kd_weight,
+            loss.kd_weight, None, STANDARDIZE_EPS if loss.logit_standardize else None,
+        )
         out["target_flip"] = (label_gap(p, x.labels) < 0).float().mean()
-    return {"loss": total, "ce": ce.detach(), "kd": kd.detach(), **out}
+    return {"loss": total, "ce": ce, "kd": kd, **out}
 
 
 @register_loss("ats")
@@ -316,7 +370,7 @@ class ISATSLoss(DistillLoss):
         tau_wrong_min, tau_wrong_max: range of the τ2 grid (1.0 and τ1: the authors' grids keep
             τ2 >= 1, and τ2 > τ1 would shrink the wrong-class spread, the opposite of ATS).
         num_candidates: grid size (5: 4, 2.83, 2, 1.41, 1 for the default range). Each candidate
-            costs one extra softmax over the teacher logits.
+            costs two row sums of ``exp`` over the teacher logits (``isats_select_tau_wrong``).
         tau_wrong_candidates: an explicit candidate list instead of the grid.
         keep_label_argmax: exclude, per sample, candidates whose target puts a wrong class above
             the label (True; see ``isats_select_tau_wrong``).

@@ -22,6 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._base import DistillLoss, check_non_negative, check_positive, cross_entropy
+from ._fused import ce_target_grad_
 from ._registry import register_loss
 
 __all__ = ["DISTLoss", "dist_terms", "pearson_correlation"]
@@ -37,15 +38,13 @@ def pearson_correlation(a: torch.Tensor, b: torch.Tensor, dim: int = -1, eps: fl
     return (a * b).sum(dim=dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
 
 
-def _pearson_parts(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
-    """Pearson correlations ``rho`` of centred ``a``, ``b`` along ``dim`` and the coefficients of its
-    gradient, ``d rho / d a = c_b * b - c_a * a``, with ``c_a = 0`` where ``a`` has no spread."""
-    # vecdot, not norm(dim=0): the column norm is ~5x slower on CPU than a column dot product
-    na = torch.linalg.vecdot(a, a, dim=dim).sqrt_().unsqueeze(dim)
-    nb = torch.linalg.vecdot(b, b, dim=dim).sqrt_().unsqueeze(dim)
-    num = torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim)
+def _pearson_parts(aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """From the dot products of centred ``a``, ``b`` (``<a, a>``, ``<b, b>``, ``<a, b>``): the Pearson
+    correlation ``rho`` and the coefficients of its gradient, ``d rho / d a = c_b * b - c_a * a``, with
+    ``c_a = 0`` where ``a`` has no spread."""
+    na, nb = aa.sqrt(), bb.sqrt()
     den = na * nb + _EPS
-    rho = num / den
+    rho = ab / den
     c_a = torch.where(na > 0, rho * nb / (na.clamp_min(1e-30) * den), torch.zeros_like(na))
     return rho, 1.0 / den, c_a
 
@@ -53,37 +52,73 @@ def _pearson_parts(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Te
 class _DISTRelations(torch.autograd.Function):
     """``(1 - mean_b rho_rows, 1 - mean_c rho_cols)`` of ``softmax(u)``, ``softmax(v)``, closed-form backward.
 
-    The correlation is taken between centred vectors, so its gradient is already centred along the
-    same dimension; the softmax backward is ``y * (g - sum(g * y))``. Autograd would otherwise run
-    about 30 ``[B, C]`` kernels (benchmarks/losses.py); tests check the gradient with gradcheck.
+    The row dot products of the row-centred ``Y_s``, ``Y_t`` come from one batched matmul of the two
+    stacked; the column ones from column sums. With ``m`` the row means, ``mu`` the column means and
+    ``w_r = -g_inter / B``, ``w_c = -g_intra / C``, the gradient with respect to ``Y_s`` is::
+
+        G = (Y_t - m_t) cb_r w_r - (Y_s - m_s) ca_r w_r + (Y_t - mu_t) cb_c w_c - (Y_s - mu_s) ca_c w_c
+          = Y_s (-ca_r w_r - ca_c w_c) + Y_t (cb_r w_r + cb_c w_c) + (per-row) + (per-column constants)
+
+    (``cb``, ``ca`` from ``_pearson_parts``); the per-row constants drop out of the softmax backward
+    ``y * (G - <G, y>)``, so ``G`` takes four passes over ``[B, C]`` and no centred copies are kept.
+    Autograd would otherwise run about 30 ``[B, C]`` kernels; tests gradcheck it.
     """
 
     @staticmethod
-    def forward(ctx, u, v):
-        y_s, y_t = torch.softmax(u, dim=-1), torch.softmax(v, dim=-1)
-        a_r, b_r = y_s - y_s.mean(1, keepdim=True), y_t - y_t.mean(1, keepdim=True)
-        a_c, b_c = y_s - y_s.mean(0, keepdim=True), y_t - y_t.mean(0, keepdim=True)
-        rho_r, cb_r, ca_r = _pearson_parts(a_r, b_r, dim=1)
-        rho_c, cb_c, ca_c = _pearson_parts(a_c, b_c, dim=0)
-        ctx.save_for_backward(y_s, a_r, b_r, cb_r, ca_r, a_c, b_c, cb_c, ca_c)
-        return 1.0 - rho_r.mean(), 1.0 - rho_c.mean()
+    def forward(ctx, u, v, idx=None, soft=None):
+        ce = sigma_t = None
+        if idx is None:
+            y_s = torch.softmax(u, dim=-1)
+        else:  # tau = 1: cross-entropy from the same softmax (see ``dist_terms``)
+            log_y = torch.log_softmax(u, dim=-1)
+            if soft is None:
+                ce = -log_y.gather(1, idx).mean()
+            else:
+                sigma_t = soft.sum(dim=1, keepdim=True)
+                ce = -torch.linalg.vecdot(soft, log_y).mean()
+            y_s = log_y.exp_()
+        y_t = torch.softmax(v, dim=-1)
+        n, c = y_s.shape
+        buf = y_s.new_empty(2, n, c)  # contiguous halves: elementwise writes stay fast
+        torch.sub(y_s, y_s.mean(1, keepdim=True), out=buf[0])
+        torch.sub(y_t, y_t.mean(1, keepdim=True), out=buf[1])
+        rows = buf.transpose(0, 1)
+        m = torch.bmm(rows, rows.transpose(1, 2))  # [B, 2, 2]: the row dot products
+        rho_r, cb_r, ca_r = _pearson_parts(m[:, 0, 0:1], m[:, 1, 1:2], m[:, 0, 1:2])
+        mu_s, mu_t = y_s.mean(0, keepdim=True), y_t.mean(0, keepdim=True)
+        a_c, b_c = torch.sub(y_s, mu_s, out=buf[0]), torch.sub(y_t, mu_t, out=buf[1])
+        pairs = ((a_c, a_c), (b_c, b_c), (a_c, b_c))
+        dots = [torch.linalg.vecdot(x, z, dim=0).unsqueeze(0) for x, z in pairs]
+        rho_c, cb_c, ca_c = _pearson_parts(*dots)
+        ctx.save_for_backward(y_s, y_t, mu_s, mu_t, cb_r, ca_r, cb_c, ca_c, idx, soft, sigma_t)
+        if ce is None:
+            return 1.0 - rho_r.mean(), 1.0 - rho_c.mean()
+        return 1.0 - rho_r.mean(), 1.0 - rho_c.mean(), ce
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_inter, grad_intra):
-        y_s, a_r, b_r, cb_r, ca_r, a_c, b_c, cb_c, ca_c = ctx.saved_tensors
-        w_r = -grad_inter / a_r.shape[0]  # d(1 - mean rho)/d rho, per row
-        w_c = -grad_intra / a_c.shape[1]  # per column
-        g = b_r * (cb_r * w_r)
-        g.addcmul_(a_r, ca_r * -w_r).addcmul_(b_c, cb_c * w_c).addcmul_(a_c, ca_c * -w_c)
-        return g.sub_(torch.linalg.vecdot(g, y_s).unsqueeze(1)).mul_(y_s), None  # softmax backward
+    def backward(ctx, grad_inter, grad_intra, grad_ce=None):
+        y_s, y_t, mu_s, mu_t, cb_r, ca_r, cb_c, ca_c, idx, soft, sigma_t = ctx.saved_tensors
+        w_r = -grad_inter / y_s.shape[0]  # d(1 - mean rho)/d rho, per row
+        w_c = -grad_intra / y_s.shape[1]  # per column
+        alpha_c, beta_c = ca_c * -w_c, cb_c * w_c
+        g = torch.addcmul(-(alpha_c * mu_s + beta_c * mu_t), y_s, ca_r * -w_r)  # + the column constants
+        g.addcmul_(y_s, alpha_c).addcmul_(y_t, cb_r * w_r).addcmul_(y_t, beta_c)
+        g = g.sub_(torch.linalg.vecdot(g, y_s).unsqueeze(1)).mul_(y_s)  # softmax backward
+        if idx is not None:  # + dCE/du = sigma softmax(u) - target
+            c_ce = grad_ce / y_s.shape[0]
+            g.addcmul_(y_s, c_ce if sigma_t is None else c_ce * sigma_t)
+            ce_target_grad_(g, idx, soft, c_ce)
+        return g, None, None, None
 
 
 def dist_terms(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L_inter, L_intra)``, each including the ``tau^2`` factor."""
-    inter, intra = _DISTRelations.apply(student_logits / tau, teacher_logits.detach() / tau)
+    if tau != 1.0:
+        student_logits, teacher_logits = student_logits / tau, teacher_logits / tau
+    inter, intra = _DISTRelations.apply(student_logits, teacher_logits.detach())
     return inter * tau**2, intra * tau**2
 
 
@@ -133,7 +168,11 @@ class DISTLoss(DistillLoss):
     ) -> dict[str, torch.Tensor]:
         x = self.prepare(student_logits, teacher_logits, target)
         with self.float32(x.student):
-            ce = cross_entropy(x.student, x.target)
-            inter, intra = dist_terms(x.student, x.teacher, self.tau)
+            if self.tau == 1.0:  # the authors' ImageNet setting: CE shares the student softmax
+                soft = x.target if x.soft else None
+                inter, intra, ce = _DISTRelations.apply(x.student, x.teacher, x.labels.unsqueeze(1), soft)
+            else:
+                ce = cross_entropy(x.student, x.target)
+                inter, intra = dist_terms(x.student, x.teacher, self.tau)
             loss = self.ce_weight * ce + self.kd_weight * (self.beta * inter + self.gamma * intra)
         return {"loss": loss, "ce": ce.detach(), "inter": inter.detach(), "intra": intra.detach()}

@@ -25,7 +25,7 @@ agree to rounding wherever mdistiller's is finite and its shift removes the targ
 target's scaled logit exceeds every other one by more than about 980 (tests compare them); beyond
 that mdistiller's NCKD would count the target class and ours still excludes it. The gradient is
 written in closed form (``_DecoupledKL``): with autograd through mdistiller's graph the loss took
-15x the time of cross-entropy in benchmarks/losses.py, now about 6x.
+15x the time of cross-entropy in benchmarks/losses.py (docs/losses.md has today's ratio).
 
 With soft targets ``[B, C]`` (mixup/CutMix) the target class ``y`` of the decoupling is the soft
 target's argmax; cross-entropy uses the soft targets.
@@ -43,10 +43,19 @@ __all__ = ["DKDLoss", "dkd_terms"]
 
 
 class _DecoupledKL(torch.autograd.Function):
-    """Per-sample ``(TCKD, NCKD)`` (without ``T^2``) from scaled logits, with a closed-form backward.
+    """Per-sample ``(TCKD, NCKD)`` (without ``T^2``) of ``u = z_s / T``, ``v = z_t / T`` (the division
+    is folded into the shifts), with a closed-form backward (``dL/dz_s = dL/du / T``).
 
-    With ``q = softmax(u)``, ``q~ = softmax`` of ``u`` over the non-target classes (``q~_y = 0``) and
-    the same for the teacher (``p``, ``p~``), the student gradient is::
+    One ``exp`` per side. With ``m`` the largest non-target logit, ``d = u - m``, ``e = exp(d)`` with
+    0 on the target, ``S_n = sum_k e_k >= 1`` (the non-target mass, summed directly: it keeps full
+    precision when ``q_y`` is close to 1 and cannot underflow) and ``log S = logaddexp(log S_n, d_y)``,
+    and the same ``f``, ``Z_n``, ``Z`` for the teacher's ``v`` (``dv = v - m_v``)::
+
+        log q_y = d_y - log S,   log(1 - q_y) = log S_n - log S,   q~_k = e_k / S_n   (k != y)
+        TCKD = p_y (log p_y - log q_y) + (1 - p_y) (log(1 - p_y) - log(1 - q_y))
+        NCKD = sum_{k != y} p~_k (log p~_k - log q~_k) = <f, dv - d> / Z_n - log Z_n + log S_n
+
+    and the student gradient::
 
         dTCKD/du_y = q_y - p_y         dTCKD/du_k = q~_k (p_y - q_y)      (k != y)
         dNCKD/du_y = 0                 dNCKD/du_k = q~_k - p~_k
@@ -56,41 +65,53 @@ class _DecoupledKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, v, labels):
+    def forward(ctx, u, v, labels, tau=1.0):
         idx = labels.unsqueeze(1)
-        log_q = torch.log_softmax(u, dim=-1)
-        log_p = torch.log_softmax(v, dim=-1)
-        # log of the target mass and of the non-target mass, both in log space (no log(1 - q_y))
-        log_q_y, log_p_y = log_q.gather(1, idx), log_p.gather(1, idx)
-        log_q_nt = log_q.scatter(1, idx, float("-inf")).logsumexp(dim=-1, keepdim=True)
-        log_p_nt = log_p.scatter(1, idx, float("-inf")).logsumexp(dim=-1, keepdim=True)
-        p_y = log_p_y.exp()
-        gap_nt = log_p_nt - log_q_nt
-        tckd = p_y * (log_p_y - log_q_y) + log_p_nt.exp() * gap_nt
-        # p~ = p / (1 - p_y) on the non-target classes, 0 on the target
-        p_tilde = (log_p - log_p_nt).exp_().scatter_(1, idx, 0.0)
-        nckd = (p_tilde * (log_p - log_q)).sum(dim=-1, keepdim=True)
-        nckd = nckd - gap_nt * p_tilde.sum(dim=-1, keepdim=True)  # log p~ - log q~ = log p - log q - gap_nt
-        ctx.save_for_backward(log_q, log_q_nt, log_q_y, p_tilde, p_y, idx)
-        return tckd.squeeze(1), nckd.squeeze(1)
+        (d, e, log_sn, d_y) = _non_target_exp(u, idx, tau)
+        (dv, f, log_zn, dv_y) = _non_target_exp(v, idx, tau)
+        log_s, log_z = torch.logaddexp(log_sn, d_y), torch.logaddexp(log_zn, dv_y)
+        log_q_y, log_p_y = d_y - log_s, dv_y - log_z
+        log_q_n, log_p_n = log_sn - log_s, log_zn - log_z  # log(1 - q_y), log(1 - p_y)
+        p_y, p_n = log_p_y.exp(), log_p_n.exp()
+        # 0 * log 0 = 0 where a teacher mass underflows
+        tckd = torch.where(p_y > 0, p_y * (log_p_y - log_q_y), 0.0) + torch.where(
+            p_n > 0, p_n * (log_p_n - log_q_n), 0.0
+        )
+        nckd = torch.linalg.vecdot(f, dv.sub_(d)).unsqueeze(1) / log_zn.exp() - log_zn + log_sn
+        # the [B, 1] arithmetic above runs in float64: TCKD is a difference of logs scaled by T^2
+        rows = (log_sn.exp(), log_zn.exp(), log_q_y.exp(), p_y)
+        ctx.save_for_backward(*(v.to(u.dtype) for v in rows), e, f, idx)
+        ctx.tau = tau
+        return tckd.squeeze(1).to(u.dtype), nckd.squeeze(1).to(u.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_tckd, grad_nckd):
-        log_q, log_q_nt, log_q_y, p_tilde, p_y, idx = ctx.saved_tensors
-        g_t, g_n = grad_tckd.unsqueeze(1), grad_nckd.unsqueeze(1)
-        q_y = log_q_y.exp()
-        q_tilde = (log_q - log_q_nt).exp_()
-        grad = q_tilde.mul_(g_t * (p_y - q_y) + g_n).sub_(p_tilde * g_n)
+        s_n, z_n, q_y, p_y, e, f, idx = ctx.saved_tensors
+        g_t, g_n = grad_tckd.unsqueeze(1) / ctx.tau, grad_nckd.unsqueeze(1) / ctx.tau  # du/dx = 1/T
+        grad = e * ((g_t * (p_y - q_y) + g_n) / s_n)
+        grad.addcmul_(f, -g_n / z_n)
         grad.scatter_(1, idx, g_t * (q_y - p_y))
-        return grad, None, None
+        return grad, None, None, None
+
+
+def _non_target_exp(z: torch.Tensor, idx: torch.Tensor, tau: float) -> tuple[torch.Tensor, ...]:
+    """``(d, e, log S_n, d_y)`` for ``u = z / tau``: ``d = u - m`` with ``m`` the largest non-target
+    scaled logit (so ``S_n >= 1`` never underflows), ``e = exp(d)`` with 0 on the target,
+    ``S_n = sum e``, ``d_y = u_y - m``; ``d`` is 0 on the target (so ``0 * d`` stays 0 there)."""
+    d = z.scatter(1, idx, float("-inf"))
+    m = d.amax(dim=1, keepdim=True)
+    d = d.sub_(m) if tau == 1.0 else d.sub_(m).div_(tau)
+    e = d.exp()
+    d_y = (z.gather(1, idx) - m) / tau
+    return d.scatter_(1, idx, 0.0), e, e.sum(dim=1, keepdim=True).double().log(), d_y.double()
 
 
 def dkd_terms(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(TCKD, NCKD)``, each ``T^2 * KL`` as a batch mean; ``labels`` are class indices ``[B]``."""
-    tckd, nckd = _DecoupledKL.apply(student_logits / tau, teacher_logits.detach() / tau, labels)
+    tckd, nckd = _DecoupledKL.apply(student_logits, teacher_logits.detach(), labels, float(tau))
     return tckd.mean() * tau**2, nckd.mean() * tau**2
 
 

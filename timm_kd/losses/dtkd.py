@@ -47,11 +47,10 @@ import math
 
 import torch
 
-from ._base import DistillLoss, check_non_negative, check_positive, cross_entropy, warmup_factor
-from ._kl import tempered_kl
+from ._base import DistillLoss, check_non_negative, check_positive, warmup_factor
+from ._fused import dtkd_objective, soft_target_objective, tempered_kl, tempered_target
 from ._registry import register_loss
-from .kd import kd_term
-from .standardize import standardize_logits
+from .standardize import STANDARDIZE_EPS, standardize_logits
 
 __all__ = ["DTKDLoss", "dtkd_temperatures", "dtkd_term"]
 
@@ -164,18 +163,36 @@ class DTKDLoss(DistillLoss):
         warmup = warmup_factor(epoch, self.warmup_epochs, self.name)
         x = self.prepare(student_logits, teacher_logits, target)
         with self.float32(x.student):
+            soft = x.target if x.soft else None
+            if not self.logit_standardize:  # the whole objective in one Function (``_fused.py``)
+                t_max = x.teacher.amax(dim=1, keepdim=True)
+                loss, ce, kd, dtkd, t_t, t_s = dtkd_objective(
+                    x.student, x.teacher, x.labels, soft, self.tau, self.ce_weight, warmup * self.kd_weight,
+                    warmup * self.dtkd_weight,
+                    lambda xs: dtkd_temperatures(xs, t_max, self.tau, self.max_temp_ratio),
+                )
+                return {
+                    "loss": loss, "ce": ce, "dtkd": dtkd, "kd": kd,
+                    "warmup": torch.tensor(warmup, device=loss.device),
+                    "temp_teacher": t_t.mean(), "temp_student": t_s.mean(),
+                }
             zs, zt = x.student, x.teacher
             if self.logit_standardize:
                 zs, zt = standardize_logits(zs), standardize_logits(zt)
-            ce = cross_entropy(x.student, x.target)
             dtkd, t_t, t_s = dtkd_term(zs, zt, self.tau, self.max_temp_ratio)
-            kd = kd_term(zs, zt, self.tau)
-            loss = warmup * (self.dtkd_weight * dtkd + self.kd_weight * kd) + self.ce_weight * ce
+            # CE and KD_T in one Function (``_fused.py``; KD_T is ``kd.py``'s term)
+            eps = STANDARDIZE_EPS if self.logit_standardize else None
+            p, h = tempered_target(x.teacher, self.tau, eps)
+            ce_kd, ce, kd = soft_target_objective(
+                x.student, x.labels, x.target if x.soft else None, p, self.tau, self.ce_weight,
+                warmup * self.kd_weight, h, eps,
+            )
+            loss = warmup * self.dtkd_weight * dtkd + ce_kd
         return {
             "loss": loss,
-            "ce": ce.detach(),
+            "ce": ce,
             "dtkd": dtkd.detach(),
-            "kd": kd.detach(),
+            "kd": kd,
             "warmup": torch.tensor(warmup, device=loss.device),
             "temp_teacher": t_t.detach().mean(),
             "temp_student": t_s.detach().mean(),

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from ._base import DistillLoss, check_non_negative, check_positive, cross_entropy
-from ._kl import tempered_kl
+from ._base import DistillLoss, check_non_negative, check_positive
+from ._fused import soft_target_objective, tempered_kl, tempered_target
 from ._registry import register_loss
-from .standardize import standardize_logits
+from .standardize import STANDARDIZE_EPS
 
-__all__ = ["KDLoss", "kd_term"]
+__all__ = ["KDLoss", "kd_term", "tempered_target"]
 
 
 def kd_term(
@@ -30,7 +30,7 @@ def kd_term(
 ) -> torch.Tensor:
     """``tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau))``, batch mean (or per sample).
 
-    Its student gradient is ``tau * (q - p) / B`` (``_kl.py`` computes it in closed form).
+    Its student gradient is ``tau * (q - p) / B`` (``_fused.py`` computes it in closed form).
     """
     kl = tempered_kl(student_logits, teacher_logits, tau, tau) * tau**2
     return kl.mean() if reduce else kl
@@ -76,11 +76,11 @@ class KDLoss(DistillLoss):
         epoch: float | None = None,
     ) -> dict[str, torch.Tensor]:
         x = self.prepare(student_logits, teacher_logits, target)
+        eps = STANDARDIZE_EPS if self.logit_standardize else None
         with self.float32(x.student):
-            zs, zt = x.student, x.teacher
-            if self.logit_standardize:
-                zs, zt = standardize_logits(zs), standardize_logits(zt)
-            ce = cross_entropy(x.student, x.target)
-            kd = kd_term(zs, zt, self.tau)
-            loss = self.ce_weight * ce + self.kd_weight * kd
-        return {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}
+            p, h = tempered_target(x.teacher, self.tau, eps)
+            loss, ce, kd = soft_target_objective(
+                x.student, x.labels, x.target if x.soft else None, p, self.tau, self.ce_weight,
+                self.kd_weight, h, eps,
+            )
+        return {"loss": loss, "ce": ce, "kd": kd}

@@ -15,7 +15,10 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["standardize_logits"]
+__all__ = ["STANDARDIZE_EPS", "standardize_logits"]
+
+#: the authors' epsilon in ``(z - mean) / (std + eps)``
+STANDARDIZE_EPS = 1e-7
 
 
 class _Standardize(torch.autograd.Function):
@@ -50,7 +53,7 @@ class _Standardize(torch.autograd.Function):
         return grad_in.sub_(out * coef), None
 
 
-def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+def standardize_logits(logits: torch.Tensor, eps: float = STANDARDIZE_EPS) -> torch.Tensor:
     """Z-score ``logits`` over the last (class) dimension: ``(z - mean) / (std + eps)``, ddof = 1.
 
     Same value as the authors' ``(z - z.mean()) / (1e-7 + z.std())``. The std is summed from the

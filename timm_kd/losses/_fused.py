@@ -1,0 +1,376 @@
+"""Tempered soft-target terms against the student logits, with closed-form backwards: the one place
+where timm-kd computes a tempered KL divergence (``kd``, ``lskd``, ``ats``, ``isats``, ``dtkd``).
+
+Why: on CPU, one elementwise pass over a ``[256, 1000]`` float32 tensor (an ``exp``, a product, a
+row sum, each with a fresh output) costs a sizeable fraction of ``F.cross_entropy``'s whole
+forward+backward. A loss's time is therefore the number of passes it makes over ``[B, C]`` tensors
+(docs/losses.md has the measurements), and the math below is arranged to make few.
+
+With a row's logits shifted by their maximum, ``d = z - max_k z_k`` (``d <= 0``: no overflow), a
+temperature ``T`` (a number, or one per sample) and ``S = sum_k exp(d_k / T)``::
+
+    log softmax(z / T)_k = d_k / T - log S                                  (_tempered_exp)
+
+so a soft target ``p`` (rows summing to 1) needs no ``[B, C]`` log-probabilities, only the row dot
+product ``<p, d>``::
+
+    -sum_k p_k log q_k  = log S - <p, d> / T                                (soft cross-entropy)
+    KL(p || q)          = <p, log p> - <p, d> / T + log S                   (h = <p, log p>, per row)
+    d/dz  (either)      = (q - p) / T,      q = exp(d / T) / S
+    d/dT  (either)      = -<q - p, d> / T^2                                 (student temperature)
+
+and for a teacher target ``p = softmax(u / T_t)`` (``du = u - max u``), as ``dtkd`` needs::
+
+    <p, log p>          = <p, du> / T_t - log S_t                           (tempered_target)
+    dKL/dT_t            = -Cov_p(du, log p - log q) / T_t^2
+                        = -(Var_p(du) / T_t - Cov_p(du, d) / T) / T_t^2
+
+Cross-entropy per sample, against a label ``y`` or a soft target ``t`` with row sum
+``sigma = sum_k t_k`` (1 for Mixup/CutMix targets), from the same ``d`` at ``T = 1``::
+
+    CE = log S_1 - d_y              dCE/dz = softmax(z) - onehot(y)
+    CE = sigma log S_1 - <t, d>     dCE/dz = sigma softmax(z) - t
+
+Tests gradcheck both Functions in float64 and compare values with log-softmax references.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["dtkd_objective", "soft_target_objective", "tempered_kl", "tempered_target"]
+
+
+def _shift(z: torch.Tensor) -> torch.Tensor:
+    """``z - max_k z_k`` per row (a new tensor)."""
+    return z - z.amax(dim=1, keepdim=True)
+
+
+def _tempered_exp(d: torch.Tensor, temp: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(exp(d / T), S)`` with ``S`` the row sums ``[B, 1]``; ``log softmax(z / T) = d / T - log S``.
+
+    A number ``T`` multiplies by ``1 / T`` (a vector multiply is several times cheaper than a
+    divide on CPU); per-sample ``T`` divide, which keeps ``dtkd``'s value within float32 rounding
+    of the reference when ``T_t T_s`` scales the KL up."""
+    if torch.is_tensor(temp):
+        e = torch.div(d, temp).exp_()
+    elif temp == 1.0:
+        e = d.exp()
+    else:
+        e = torch.mul(d, 1.0 / temp).exp_()
+    return e, e.sum(dim=1, keepdim=True)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row dot products ``[B, 1]``."""
+    return torch.linalg.vecdot(a, b).unsqueeze(1)
+
+
+def ce_target_grad_(grad: torch.Tensor, idx: torch.Tensor, soft: torch.Tensor | None, coef: torch.Tensor):
+    """``grad -= coef * target`` in place (``onehot(y)`` or the soft target); ``coef`` is a scalar tensor."""
+    if soft is None:
+        grad.scatter_add_(1, idx, (-coef).expand(grad.shape[0], 1))
+    else:
+        grad.addcmul_(soft, -coef)
+    return grad
+
+
+@torch.no_grad()
+def tempered_target(
+    logits: torch.Tensor, tau: float | torch.Tensor, standardize_eps: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, h)``: ``p = softmax(u / tau)`` ``[B, C]`` and ``h = <p, log p>`` ``[B]`` (minus the entropy).
+
+    ``u`` is ``logits``, or with ``standardize_eps`` their z-scores ``(u - mean) / (std + eps)``
+    (``standardize.py``), computed as a per-row temperature ``tau (std + eps)``.
+    """
+    temp = tau
+    if standardize_eps is not None:
+        centred = logits - logits.mean(dim=1, keepdim=True)
+        std = torch.linalg.vector_norm(centred, dim=1, keepdim=True).mul_((logits.shape[1] - 1) ** -0.5)
+        temp = (std + standardize_eps) * tau
+    return _target(_shift(logits), temp, reuse=True)
+
+
+def _target(
+    du: torch.Tensor, temp: float | torch.Tensor, reuse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tempered_target`` from shifted logits ``du``; ``reuse`` lets it overwrite ``du``."""
+    if not reuse:
+        u = du / temp if torch.is_tensor(temp) else du * (1.0 / temp)
+    else:
+        u = du.div_(temp) if torch.is_tensor(temp) else du.mul_(1.0 / temp)
+    p = u.exp()
+    s = p.sum(dim=1, keepdim=True)
+    p.mul_(1.0 / s)
+    return p, (u.mul_(p).sum(dim=1) - s.log().squeeze(1))  # <p, u> - log S, in u's buffer
+
+
+class _SoftTargetObjective(torch.autograd.Function):
+    """``w_ce * mean_b CE_b + w_kd * T^2 * mean_b D_b``, with a closed-form backward.
+
+    ``D`` is the soft cross-entropy of ``p`` and ``q = softmax(z / T)`` (ATS), or ``KL(p || q)`` when
+    ``h = <p, log p>`` is given (KD). ``z`` is the student logits ``x``, or with ``standardize``
+    their z-scores ``Z(x) = (x - mu) / (sigma + eps)``: the same as ``x`` at the per-row temperature
+    ``T (sigma + eps)``, whose dependence on ``x`` (``dsigma/dx = c / ((n - 1) sigma)``,
+    ``c = x - mu``) adds, with ``g = w_kd T^2 / B``::
+
+        dL/dx += -g <q - p, d> / (T^2 (sigma + eps)^2) * T * c / ((n - 1) sigma)      (0 where sigma = 0)
+    """
+
+    @staticmethod
+    def forward(ctx, x, idx, soft, p, h, tau, w_ce, w_kd, eps):
+        d = _shift(x)
+        e1, s1 = _tempered_exp(d, 1.0)
+        log_s1 = s1.log()
+        if soft is None:
+            sigma_t = None
+            ce = log_s1 - d.gather(1, idx)
+        else:
+            sigma_t = soft.sum(dim=1, keepdim=True)
+            ce = sigma_t * log_s1 - _dot(soft, d)
+        centred = sigma = None
+        temp = tau
+        if eps is not None:
+            centred = d - d.mean(dim=1, keepdim=True)
+            sigma = torch.linalg.vector_norm(centred, dim=1, keepdim=True).mul_((x.shape[1] - 1) ** -0.5)
+            temp = (sigma + eps) * tau
+        if eps is None and tau == 1.0:
+            e, s, log_s = e1, s1, log_s1
+        else:
+            e, s = _tempered_exp(d, temp)
+            log_s = s.log()
+        qp_d = None
+        if eps is not None:  # <q - p, d> for the gradient through sigma (= <q - p, c>: rows sum to 1)
+            p_d = _dot(p, d)
+            qp_d = _dot(e, d) / s - p_d
+        else:
+            p_d = d.mul_(p).sum(dim=1, keepdim=True)  # d is free: in place
+        dist = log_s - p_d / temp
+        if h is not None:
+            dist = dist + h.unsqueeze(1)
+        ce, kd = ce.mean(), dist.mean() * tau**2
+        ctx.save_for_backward(e1, s1, e, s, p, idx, soft, sigma_t, qp_d, centred, sigma)
+        ctx.consts = (tau, w_ce, w_kd, eps)
+        ctx.mark_non_differentiable(ce, kd)
+        return w_ce * ce + w_kd * kd, ce, kd
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, _grad_ce, _grad_kd):
+        e1, s1, e, s, p, idx, soft, sigma_t, qp_d, centred, sigma = ctx.saved_tensors
+        tau, w_ce, w_kd, eps = ctx.consts
+        g = grad / e1.shape[0]
+        c_ce = g * w_ce
+        c_q1 = c_ce if sigma_t is None else c_ce * sigma_t
+        temp = tau if eps is None else (sigma + eps) * tau
+        c_kd = g * (w_kd * tau**2) / temp  # d(w_kd T^2 D)/dz = w_kd T^2 (q - p) / temp
+        if e is e1:
+            out = e1 * ((c_q1 + c_kd) / s1)
+        else:
+            out = e1 * (c_q1 / s1)
+            out.addcmul_(e, c_kd / s)
+        out.addcmul_(p, -c_kd)
+        if eps is not None:
+            n = centred.shape[1]
+            coef = torch.where(sigma > 0, c_kd * qp_d / (temp * (n - 1) * sigma.clamp_min(1e-30)), 0.0) * tau
+            out.addcmul_(centred, -coef)
+        return ce_target_grad_(out, idx, soft, c_ce), None, None, None, None, None, None, None, None
+
+
+def soft_target_objective(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    soft_target: torch.Tensor | None,
+    teacher_probs: torch.Tensor,
+    tau: float,
+    ce_weight: float,
+    kd_weight: float,
+    teacher_neg_entropy: torch.Tensor | None = None,
+    standardize_eps: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, ce, kd)``: ``ce_weight * CE(x) + kd_weight * kd`` with ``kd = T^2 mean_b D``.
+
+    ``D`` is the soft cross-entropy ``-sum p log q``, or ``KL(p || q)`` when ``teacher_neg_entropy``
+    (``h = <p, log p>`` per row, ``[B]``, from ``tempered_target``) is given; ``q = softmax(z / T)``
+    with ``z`` the student logits, or their z-scores (``standardize_logits``) when
+    ``standardize_eps`` is given. ``labels`` are class indices ``[B]`` (used when ``soft_target``
+    is None); ``teacher_probs`` ``[B, C]`` rows sum to 1 and get no gradient. ``ce`` and ``kd`` are
+    detached batch means.
+    """
+    h = None if teacher_neg_entropy is None else teacher_neg_entropy.detach()
+    return _SoftTargetObjective.apply(
+        student_logits, labels.unsqueeze(1), soft_target, teacher_probs.detach(), h,
+        float(tau), float(ce_weight), float(kd_weight), standardize_eps,
+    )
+
+
+class _TemperedKL(torch.autograd.Function):
+    """Per-sample ``KL(softmax(t / T_t) || softmax(s / T_s))`` with gradients for ``s`` and for
+    temperatures given as ``[B, 1]`` tensors (``dtkd``'s depend on the student); formulas in the
+    module docstring."""
+
+    @staticmethod
+    def forward(ctx, s, t, temp_s, temp_t):
+        ds, dt = _shift(s), _shift(t)
+        eq, sq = _tempered_exp(ds, temp_s)
+        p, sp = _tempered_exp(dt, temp_t)
+        p.div_(sp)
+        p_dt, p_ds = _dot(p, dt), _dot(p, ds)
+        kl = p_dt / temp_t - sp.log() - p_ds / temp_s + sq.log()
+        temp_t_grad = torch.is_tensor(temp_t) and temp_t.requires_grad
+        ctx.temps = tuple(None if torch.is_tensor(v) else v for v in (temp_s, temp_t))  # the float ones
+        ctx.save_for_backward(
+            eq, sq, p, ds, dt if temp_t_grad else None, p_dt, p_ds,
+            temp_s if torch.is_tensor(temp_s) else None, temp_t if torch.is_tensor(temp_t) else None,
+        )
+        return kl.squeeze(1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_kl):
+        eq, sq, p, ds, dt, p_dt, p_ds, temp_s_saved, temp_t_saved = ctx.saved_tensors
+        temp_s = temp_s_saved if temp_s_saved is not None else ctx.temps[0]
+        temp_t = temp_t_saved if temp_t_saved is not None else ctx.temps[1]
+        g = grad_kl.unsqueeze(1)
+        grad_s = grad_temp_s = grad_temp_t = None
+        if ctx.needs_input_grad[2]:
+            grad_temp_s = -(_dot(eq, ds) / sq - p_ds) * g / temp_s**2
+        if ctx.needs_input_grad[3]:
+            p_dt_vec = p * dt
+            var = _dot(p_dt_vec, dt) - p_dt * p_dt
+            cov = _dot(p_dt_vec, ds) - p_dt * p_ds
+            grad_temp_t = -(var / temp_t - cov / temp_s) * g / temp_t**2
+        if ctx.needs_input_grad[0]:
+            c = g / temp_s
+            grad_s = eq * (c / sq)
+            grad_s.addcmul_(p, -c)
+        return grad_s, None, grad_temp_s, grad_temp_t
+
+
+def tempered_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temp_student: float | torch.Tensor,
+    temp_teacher: float | torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample ``KL(softmax(t / temp_teacher) || softmax(s / temp_student))``, ``[B]``.
+
+    Temperatures are floats or ``[B, 1]`` tensors (which may require grad). No gradient flows
+    into ``teacher_logits``.
+    """
+    return _TemperedKL.apply(student_logits, teacher_logits.detach(), temp_student, temp_teacher)
+
+
+class _DTKDObjective(torch.autograd.Function):
+    """DTKD's whole objective in one pass over the logits, with a closed-form backward.
+
+    ``w_ce * mean_b CE_b + w_kd * T^2 * mean_b KL_T,b + w_dt * mean_b T_t T_s KL_D,b`` with
+    ``KL_T = KL(softmax(t / T) || softmax(x / T))``, ``KL_D = KL(softmax(t / T_t) || softmax(x / T_s))``
+    and ``(T_t, T_s) = temps_fn(max_k x_k)`` (``dtkd_temperatures``: differentiable in the student
+    maximum, which is where the not-detached temperatures send their gradient). With ``L = T_t T_s KL_D``
+    and the module docstring's temperature derivatives::
+
+        dL/dx   = T_t (q_D - p_D)                                       (temperatures held)
+        dL/dT_s = T_t KL_D + T_t T_s dKL/dT_s,    dL/dT_t = T_s KL_D + T_t T_s dKL/dT_t
+        dL/dx_s = dL/dT_s dT_s/dx_s + dL/dT_t dT_t/dx_s      (to the first argmax, as torch.max)
+
+    ``dT/dx_s`` is taken by autograd through ``temps_fn`` on ``[B, 1]`` tensors, so the guard is
+    written once (``dtkd.py``). One softmax pass per temperature and student/teacher side, shared
+    shifted logits, and no ``[B, C]`` log-probabilities.
+    """
+
+    @staticmethod
+    def forward(ctx, x, t, idx, soft, tau, w_ce, w_kd, w_dt, temps_fn):
+        n, c = x.shape
+        xs, arg = x.max(dim=1, keepdim=True)
+        with torch.enable_grad():
+            xs_leaf = xs.detach().requires_grad_(True)
+            temp_t, temp_s = temps_fn(xs_leaf)
+        tt, ts = temp_t.detach(), temp_s.detach()
+        # rows of `right`: d = x - max x, du = t - max t, ones; rows of `left`: the five exps and
+        # w = exp(du / T_t) * du. One batched matmul then gives every row sum and dot product.
+        # [k, B, C] buffers: contiguous halves keep the elementwise writes fast (a strided
+        # [B, k, C] slice takes about twice as long), the matmul reads them transposed
+        right = x.new_empty(3, n, c)
+        d, du = right[0], right[1]
+        torch.sub(x, xs, out=d)
+        torch.sub(t, t.amax(dim=1, keepdim=True), out=du)
+        right[2].fill_(1.0)
+        left = x.new_empty(6, n, c)
+        e1, e_k, e_d, f_k, f_d, w = left.unbind(0)
+        torch.exp(d, out=e1)
+        torch.mul(d, 1.0 / tau, out=e_k).exp_()
+        torch.div(d, ts, out=e_d).exp_()
+        torch.mul(du, 1.0 / tau, out=f_k).exp_()
+        torch.div(du, tt, out=f_d).exp_()
+        torch.mul(f_d, du, out=w)
+        m = torch.bmm(left.transpose(0, 1), right.permute(1, 2, 0))  # [B, 6, 3]: <., d>, <., du>, sum(.)
+        s1, s_k, s_d, z_k, z_d = (m[:, i, 2:3] for i in range(5))
+        if soft is None:
+            sigma_t, ce = None, s1.log() - d.gather(1, idx)
+        else:
+            sigma_t = soft.sum(dim=1, keepdim=True)
+            ce = sigma_t * s1.log() - _dot(soft, d)
+        pk_d, pk_du = m[:, 3, 0:1] / z_k, m[:, 3, 1:2] / z_k  # <p_K, d>, <p_K, du>
+        pd_d, pd_du = m[:, 4, 0:1] / z_d, m[:, 4, 1:2] / z_d
+        var = m[:, 5, 1:2] / z_d - pd_du * pd_du  # Var_p(du), p = p_D
+        cov = m[:, 5, 0:1] / z_d - pd_du * pd_d  # Cov_p(du, d)
+        q_d = m[:, 2, 0:1] / s_d  # <q_D, d>
+        kl_k = (pk_du - pk_d) / tau - z_k.log() + s_k.log()
+        kl_d = pd_du / tt - z_d.log() - pd_d / ts + s_d.log()
+        # dL/dT_s and dL/dT_t of L = T_t T_s KL_D
+        dl_ds = tt * kl_d - tt * (q_d - pd_d) / ts
+        dl_dt = ts * kl_d - ts * (var / tt - cov / ts) / tt
+        ce, kd, dt = ce.mean(), kl_k.mean() * tau**2, (tt * ts * kl_d).mean()
+        ctx.save_for_backward(left, s1, s_k, s_d, z_k, z_d, idx, soft, sigma_t, arg, tt, dl_ds, dl_dt)
+        ctx.graph = (xs_leaf, temp_t, temp_s)
+        ctx.consts = (tau, w_ce, w_kd, w_dt, n)
+        outs = (ce, kd, dt, tt.squeeze(1), ts.squeeze(1))
+        ctx.mark_non_differentiable(*outs)
+        return (w_ce * ce + w_kd * kd + w_dt * dt, *outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, *_unused):
+        left, s1, s_k, s_d, z_k, z_d, idx, soft, sigma_t, arg, tt, dl_ds, dl_dt = ctx.saved_tensors
+        tau, w_ce, w_kd, w_dt, n = ctx.consts
+        e1, e_k, e_d, f_k, f_d, _ = left.unbind(0)
+        g = grad / n
+        c_ce = g * w_ce
+        c_q1 = c_ce if sigma_t is None else c_ce * sigma_t
+        c_k = g * (w_kd * tau)  # d(T^2 KL_T)/dx = T (q - p)
+        c_d = g * w_dt * tt  # dL/dx = T_t (q_D - p_D)
+        out = e1 * (c_q1 / s1)
+        out.addcmul_(e_k, c_k / s_k).addcmul_(e_d, c_d / s_d)
+        out.addcmul_(f_k, -c_k / z_k).addcmul_(f_d, -c_d / z_d)
+        xs_leaf, temp_t, temp_s = ctx.graph
+        if temp_t.requires_grad or temp_s.requires_grad:
+            parts = [(v, c) for v, c in ((temp_t, dl_dt), (temp_s, dl_ds)) if v.requires_grad]
+            (g_xs,) = torch.autograd.grad(
+                [v for v, _ in parts], xs_leaf, [c * (g * w_dt) for _, c in parts], retain_graph=True,
+                allow_unused=True,
+            )
+            if g_xs is not None:
+                out.scatter_add_(1, arg, g_xs)
+        return ce_target_grad_(out, idx, soft, c_ce), None, None, None, None, None, None, None, None
+
+
+def dtkd_objective(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    soft_target: torch.Tensor | None,
+    tau: float,
+    ce_weight: float,
+    kd_weight: float,
+    dtkd_weight: float,
+    temps_fn,
+) -> tuple[torch.Tensor, ...]:
+    """``(loss, ce, kd, dtkd, T_t, T_s)`` of ``_DTKDObjective``: ``ce_weight * CE + kd_weight * KD_T +
+    dtkd_weight * L_DTKD``; ``T_t``, ``T_s`` are ``[B]``, the rest scalars (all but ``loss`` detached).
+    ``temps_fn(student_max [B, 1]) -> (T_t, T_s)`` holds the temperature rule and its guard."""
+    return _DTKDObjective.apply(
+        student_logits, teacher_logits.detach(), labels.unsqueeze(1), soft_target,
+        float(tau), float(ce_weight), float(kd_weight), float(dtkd_weight), temps_fn,
+    )
