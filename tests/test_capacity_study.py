@@ -32,8 +32,10 @@ def test_quick_study_writes_its_table_and_plots_and_a_rerun_trains_nothing(tmp_p
         for m in METHODS:
             assert r[f"{m}_n"] == "1" and 0.0 <= float(r[f"{m}_mean"]) <= 100.0
     md = (out / "results.md").read_text()
+    sweep = (out / "teacher_diagnostics.md").read_text()
+    assert "test_resnet" in sweep and "resnet10t" in sweep and "ATS" in sweep
     assert "| teacher | params (M) |" in md and "ats_suggested top-1" in md and "alone:" in md
-    for name in ("student_vs_teacher_size.png", "diagnostics_test_resnet.png", "diagnostics_resnet10t.png"):
+    for name in ("student_vs_teacher_size.png", "teacher_diagnostics.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
     # both ranks trained cells (the work is split), each cell once; teachers saved in timm's format
