@@ -104,7 +104,9 @@ def test_golden_loss(t1, t2, s, lam, loss, ce, kd):
     assert out["kd"].item() == pytest.approx(kd, abs=1e-6)
     # sample 1's target puts class 1 above its label 0
     assert out["target_flip"].item() == pytest.approx(0.5)
-    assert set(out) == {"loss", "ce", "kd", "target_flip"}
+    # ... and the teacher's own logits rank label 0 first there, so the temperatures made that flip
+    assert out["induced_flip"].item() == pytest.approx(0.5)
+    assert set(out) == {"loss", "ce", "kd", "target_flip", "induced_flip"}
     assert all(not v.requires_grad for k, v in out.items() if k != "loss")
 
 

@@ -6,6 +6,7 @@ embedded dataset. Multi-process runs, SIGKILL/resume and the recipes are in test
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -291,3 +292,60 @@ def test_streamed_training_split_with_steps_per_epoch(tmp_path):
     assert [h["epoch"] for h in result.summary["run"]["history"]] == [1, 2]
     with pytest.raises(ValueError, match="--steps-per-epoch"):
         engine.fit(dataclasses.replace(config, steps_per_epoch=None, output_dir=str(tmp_path / "other")))
+
+
+# ------------------------------------------------------------------------------------------------
+# loader settings (timm-style): workers, pinned memory on CUDA, persistent workers, prefetching
+
+
+def test_loader_settings_follow_the_flags_and_the_device():
+    parser = engine.add_train_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--num-workers", "3", "--no-persistent-workers", "--prefetch-factor", "4"])
+    config = engine.config_from_args(args)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    kw = engine._loader_kwargs(config, cpu)
+    assert kw == {"num_workers": 3, "pin_memory": False, "persistent_workers": False, "prefetch_factor": 4}
+    assert engine._loader_kwargs(config, cuda)["pin_memory"] is True  # auto: pinned on CUDA only
+    forced = engine.config_from_args(parser.parse_args(["--no-pin-memory"]))
+    assert engine._loader_kwargs(forced, cuda)["pin_memory"] is False
+    assert engine._loader_kwargs(forced, cpu)["persistent_workers"] is True  # the default
+    assert "prefetch_factor" not in engine._loader_kwargs(forced, cpu)  # torch's default
+    with pytest.raises(ValueError, match="--prefetch-factor must be >= 1"):
+        engine.check_config(dataclasses.replace(config, prefetch_factor=0))
+    with pytest.raises(ValueError, match="--num-workers must be >= 0"):
+        engine.check_config(dataclasses.replace(config, num_workers=-1))
+
+
+@pytest.mark.slow
+def test_worker_processes_train_exactly_like_the_main_process(tmp_path):
+    """A worker process, kept alive across epochs and prefetching, gives the same run as loading in
+    the training process (the sample order and each sample's augmentation are seeded)."""
+    kw = dict(method="kd", epochs=2, max_train_steps=6, embedded_kwargs={"num_train": 48, "num_test": 16})
+    ref = engine.fit(_tiny(tmp_path / "a", **kw))
+    got = engine.fit(
+        _tiny(tmp_path / "b", num_workers=1, persistent_workers=True, prefetch_factor=3, **kw)
+    )
+    assert got.global_step == ref.global_step == 6
+    for a, b in zip(ref.summary["run"]["history"], got.summary["run"]["history"]):
+        assert a["train"] == pytest.approx(b["train"], rel=1e-5), (a, b)
+    for k, v in ref.student.state_dict().items():
+        torch.testing.assert_close(got.student.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_ats_temperature_flip_warning_is_logged_once_and_names_the_fix():
+    """ATS targets that rank a wrong class first where the teacher is right get one warning."""
+    from types import SimpleNamespace
+
+    lines = []
+    run = SimpleNamespace(
+        warned_flip=False,
+        config=SimpleNamespace(method="ats", loss_kwargs={"tau_correct": 4.0, "tau_wrong": 3.0}),
+        log=lines.append,
+    )
+    engine._warn_target_flip(run, None)  # losses without the term (kd, dtkd, ...)
+    engine._warn_target_flip(run, engine.TARGET_FLIP_WARNING)  # at the threshold: fine
+    assert lines == []
+    engine._warn_target_flip(run, 0.2)
+    engine._warn_target_flip(run, 0.3)
+    assert len(lines) == 1
+    assert "20.0 %" in lines[0] and "tau_wrong=3.0" in lines[0] and "suggest_ats_temperatures" in lines[0]

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,68 @@ def test_channels_last_and_compiled_teacher_give_the_same_logits():
     )
     assert cl.teacher._compiled is not None
     torch.testing.assert_close(cl.teacher_logits(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def _compile_raising_at_call(model, **kwargs):
+    raise RuntimeError("Dynamo is not supported on this Python version")
+
+
+def _compile_raising_at_first_batch(model, **kwargs):
+    def run(*args, **kw):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config")
+
+    return run
+
+
+@pytest.mark.parametrize("broken", [_compile_raising_at_call, _compile_raising_at_first_batch])
+def test_teacher_that_cannot_compile_warns_once_and_runs_eager(monkeypatch, broken):
+    x, _ = batch()
+    ref = DistillWrapper(tiny("test_resnet"), tiny("resnet10t"), loss="kd").teacher_logits(x)
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match=r"torch.compile of teacher .*failed .*runs eager.*C\+\+ compiler"):
+        wrapper = DistillWrapper(tiny("test_resnet"), tiny("resnet10t"), loss="kd", compile_teacher=True)
+        out = wrapper.teacher_logits(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert wrapper.teacher._compiled is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later batches run eager silently
+        torch.testing.assert_close(wrapper.teacher_logits(x), ref, rtol=0, atol=0)
+
+
+_BUILTIN_LOSSES = ("kd", "ats", "isats", "dtkd", "dkd", "dist", "lskd")
+_HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize("name", _BUILTIN_LOSSES)
+def test_a_training_step_never_reads_a_tensor_back_to_the_host(monkeypatch, name):
+    """Teacher adapters (resize + re-normalize + class map), teacher, student, loss and backward call
+    none of ``.item()``, ``bool()``, ``int()``, ``float()``, ``.tolist()``, ``.cpu()``, ``.numpy()`` on
+    a tensor: on a GPU each would stall the step until the device catches up. (The engine creates
+    the losses with ``check_inputs=False`` and checks finiteness at logging steps only.)"""
+    if name not in list_losses():
+        pytest.skip(f"loss {name!r} not registered")
+    teacher = tiny("resnet10t", num_classes=7, size=48, mean=HALF, std=HALF)
+    wrapper = DistillWrapper(
+        tiny("test_resnet"), teacher, loss=name, class_map=[6, 0, 2, 4, 1], check_inputs=False
+    )
+    wrapper.train()
+    x, y = batch()
+    calls: list[str] = []
+
+    def spy(attr, orig):
+        def f(self, *args, **kwargs):
+            calls.append(attr)
+            return orig(self, *args, **kwargs)
+
+        return f
+
+    for attr in _HOST_SYNCS:
+        monkeypatch.setattr(torch.Tensor, attr, spy(attr, getattr(torch.Tensor, attr)))
+    out = wrapper(x, y, epoch=30.0)
+    out["loss"].backward()
+    monkeypatch.undo()
+    assert calls == [], f"{name}: host syncs in the step: {calls}"
+    assert torch.isfinite(out["loss"])  # the spy saw real work
 
 
 # ------------------------------------------------------------------------------------------------

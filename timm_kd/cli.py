@@ -2,6 +2,7 @@
 
     timm-kd push RUN_DIR REPO [--private] [--token TOKEN] [--commit-message MSG] [--model-name NAME]
     timm-kd list-losses [FILTER]
+    timm-kd cache-teacher --cache-dir DIR [--num-views N] [--top-k K] [--shard-size S] <training flags>
 
 To add a subcommand, write ``_add_<name>(subparsers)`` that registers its parser with
 ``set_defaults(func=<function taking the parsed args, returning an exit code>)`` and append it to
@@ -133,8 +134,64 @@ def _add_list_losses(subparsers: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# cache-teacher
+# --------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_push, _add_list_losses]
+
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from .cache import build_teacher_cache
+    from .engine import config_from_args
+
+    manifest = build_teacher_cache(
+        config_from_args(args),
+        args.cache_dir,
+        num_views=args.num_views,
+        top_k=args.top_k,
+        shard_size=args.shard_size,
+    )
+    if manifest.get("complete"):
+        print(
+            f"teacher cache {args.cache_dir}: {manifest['num_rows']} views ({manifest['num_images']} "
+            f"images x {manifest['num_views']}), top-{manifest['top_k']} logits, "
+            f"{manifest['bytes_per_view']:.1f} bytes "
+            f"per view, teacher top-1 on the views {manifest['teacher_view_top1']:.2f}%"
+        )
+        print(f"train from it with: --teacher-cache {args.cache_dir} (and the same data/transform flags)")
+    return 0
+
+
+def _add_cache_teacher(subparsers: argparse._SubParsersAction) -> None:
+    from .engine import HelpFormatter, add_train_args
+
+    p = subparsers.add_parser(
+        "cache-teacher",
+        help="run the teacher once over N augmented views per image and store its top-k logits",
+        formatter_class=HelpFormatter,
+        description=(
+            "FKD-style teacher-output cache (docs/cache.md). Give the flags of the training run that will "
+            "use it (teacher, dataset, transform, seed); the cache stores, per view, the crop/flip/jitter "
+            "parameters and the teacher's top-k logits (fp16) in parquet shards loadable with "
+            "datasets.load_dataset(DIR). View v is the view online training draws in epoch v. Under "
+            "`accelerate launch` each process writes its own shards; rerunning an interrupted command "
+            "resumes it. Then train with --teacher-cache DIR: no teacher in memory."
+        ),
+    )
+    g = p.add_argument_group("cache")
+    g.add_argument("--cache-dir", required=True, help="folder to write the cache to (created)")
+    g.add_argument("--num-views", type=int, default=10, help="augmented views per image (>= the epochs)")
+    g.add_argument("--top-k", type=int, default=10, help="teacher logits kept per view")
+    g.add_argument("--shard-size", type=int, default=10_000, help="images per parquet shard")
+    add_train_args(p)
+    p.set_defaults(func=cmd_cache_teacher)
+
+
+# --------------------------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_push,
+    _add_list_losses,
+    _add_cache_teacher,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

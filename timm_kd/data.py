@@ -964,6 +964,7 @@ def create_loader(
     persistent_workers: bool = False,
     collate_fn: Callable[[list[dict[str, Any]]], Any] | None = None,
     shuffle_buffer_size: int = 10_000,
+    prefetch_factor: int | None = None,
 ) -> torch.utils.data.DataLoader:
     """A ``DataLoader`` whose batches are a pure function of ``seed`` (and the epoch).
 
@@ -971,7 +972,8 @@ def create_loader(
     per-sample seeded transforms, so two loaders with the same seed give identical batches at any
     ``num_workers``; call ``loader.sampler.set_epoch(e)`` (Accelerate's prepared loader does it).
     Streaming: ``dataset.shuffle(seed, buffer_size)`` when ``shuffle``, ``num_workers`` capped at the
-    number of shards. ``collate_fn`` defaults to ``collate_images``.
+    number of shards. ``collate_fn`` defaults to ``collate_images``. ``persistent_workers`` and
+    ``prefetch_factor`` (batches loaded ahead per worker) apply only with ``num_workers > 0``.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -985,6 +987,7 @@ def create_loader(
             dataset,
             num_workers=num_workers,
             persistent_workers=persistent_workers and num_workers > 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
             collate_fn=collate_fn or functools.partial(collate_images, count_skipped=False),
             **common,
         )
@@ -999,6 +1002,7 @@ def create_loader(
         sampler=SeededSampler(len(dataset), shuffle=shuffle, seed=seed),
         num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
         collate_fn=collate_fn or collate_images,
         generator=generator,
         worker_init_fn=_seed_worker,

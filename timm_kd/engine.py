@@ -95,6 +95,8 @@ PREDICTIONS_FILE = "predictions.safetensors"
 STUDENT_DIR = "student"
 _CKPT_RE = re.compile(r"^step_(\d+)$")
 _LOCAL_MODEL_PREFIXES = ("local-dir:",)
+# what a teacher-cache batch carries for the loss (timm_kd.cache.TEACHER_KEYS)
+_CACHE_KEYS = ("teacher_values", "teacher_indices", "teacher_lse", "teacher_tail_lse")
 _HUB_MODEL_PREFIXES = ("hf-hub:", "hf_hub:", "timm/")
 
 
@@ -121,6 +123,7 @@ class TrainConfig:
     teacher: str | None = "resnet50.tv_in1k"
     pretrained_teacher: bool = True
     teacher_checkpoint: str | None = None
+    teacher_cache: str | None = None
     pretrained_student: bool = False
     student_checkpoint: str | None = None
     num_classes: int | None = None
@@ -139,6 +142,9 @@ class TrainConfig:
     verify_images: str = "auto"
     on_corrupt: str = "error"
     num_workers: int = 4
+    pin_memory: bool | None = None  # None: on when training on CUDA
+    persistent_workers: bool = True
+    prefetch_factor: int | None = None  # batches loaded ahead per worker (None: torch's 2)
     steps_per_epoch: int | None = None
     # transforms and augmentation (None: timm's default for the student)
     input_size: int | None = None
@@ -183,6 +189,7 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: str | None = None
     compile: bool = False
+    compile_teacher: bool = False
     channels_last: bool = False
     output_dir: str = "runs/train"
     checkpoint_every: int | None = None
@@ -345,6 +352,28 @@ def check_config(config: TrainConfig) -> None:
             )
     if config.lr is not None and not (config.lr > 0 and math.isfinite(config.lr)):
         raise ValueError(f"--lr must be a finite number > 0, got {config.lr}")
+    if config.num_workers < 0:
+        raise ValueError(
+            f"--num-workers must be >= 0 (0: load in the training process), got {config.num_workers}"
+        )
+    if config.prefetch_factor is not None and config.prefetch_factor < 1:
+        raise ValueError(f"--prefetch-factor must be >= 1, got {config.prefetch_factor}")
+    if config.teacher_cache and config.method != "ce":
+        if not os.path.isdir(config.teacher_cache):
+            raise FileNotFoundError(
+                f"--teacher-cache {config.teacher_cache!r} does not exist; build it first with "
+                f"`timm-kd cache-teacher --cache-dir {config.teacher_cache} ...` (see docs/cache.md)."
+            )
+        if config.mixup > 0 or config.cutmix > 0:
+            raise ValueError(
+                "--teacher-cache stores the teacher's logits of single images; Mixup/CutMix mix images "
+                "after the teacher ran, so their teacher logits are unknown. Drop --mixup/--cutmix, or "
+                "distill online (no --teacher-cache)."
+            )
+        if config.streaming:
+            raise ValueError(
+                "--teacher-cache replays views by row index; it does not work with --streaming. Drop one."
+            )
     if config.resume not in (None, "", "latest") and not os.path.isdir(config.resume):
         raise FileNotFoundError(
             f"--resume {config.resume!r} is not a checkpoint folder. Pass a folder written by a previous "
@@ -462,6 +491,13 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
         "--teacher-checkpoint", default=d.teacher_checkpoint, help="teacher weights (.safetensors)"
     )
     g.add_argument(
+        "--teacher-cache",
+        default=d.teacher_cache,
+        metavar="DIR",
+        help="distill from the stored top-k logits of a `timm-kd cache-teacher` folder instead of running "
+        "the teacher (no teacher in memory; see docs/cache.md)",
+    )
+    g.add_argument(
         "--pretrained-student",
         action="store_true",
         default=d.pretrained_student,
@@ -530,6 +566,24 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
     )
     g.add_argument(
         "--num-workers", type=int, default=d.num_workers, help="data loader worker processes per rank"
+    )
+    g.add_argument(
+        "--pin-memory",
+        action=argparse.BooleanOptionalAction,
+        default=d.pin_memory,
+        help="page-locked batches, copied to the GPU asynchronously (default: on with CUDA)",
+    )
+    g.add_argument(
+        "--persistent-workers",
+        action=argparse.BooleanOptionalAction,
+        default=d.persistent_workers,
+        help="keep the loader workers alive between epochs (with --num-workers > 0)",
+    )
+    g.add_argument(
+        "--prefetch-factor",
+        type=int,
+        default=d.prefetch_factor,
+        help="batches each worker loads ahead (default: torch's 2; with --num-workers > 0)",
     )
     g.add_argument(
         "--steps-per-epoch",
@@ -636,7 +690,16 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
     )
     g.add_argument("--compile", action="store_true", default=d.compile, help="torch.compile the student")
     g.add_argument(
-        "--channels-last", action="store_true", default=d.channels_last, help="channels-last memory format"
+        "--compile-teacher",
+        action="store_true",
+        default=d.compile_teacher,
+        help="torch.compile the frozen teacher (eager, with a warning, where it cannot compile)",
+    )
+    g.add_argument(
+        "--channels-last",
+        action="store_true",
+        default=d.channels_last,
+        help="channels-last memory format (student, teacher and batches)",
     )
     g.add_argument(
         "--output-dir", default=d.output_dir, help="run folder (checkpoints, student/, run_summary.json)"
@@ -725,9 +788,29 @@ def build_accelerator(config: TrainConfig):
         cpu=_cpu_processes(),
         mixed_precision=config.mixed_precision,
         # the loaders' order comes from timm_kd.data.SeededSampler; no sampler replacement needed
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
+        # non_blocking: with pinned batches the host-to-device copy overlaps the previous step
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=False, non_blocking=_pin_memory(config, torch.cuda.is_available())
+        ),
         **kwargs,
     )
+
+
+def _pin_memory(config: TrainConfig, cuda: bool) -> bool:
+    """``--pin-memory`` as given, else on when training on CUDA (page-locked memory helps only there)."""
+    return bool(cuda) if config.pin_memory is None else bool(config.pin_memory)
+
+
+def _loader_kwargs(config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """timm-style loader settings: workers, pinned memory on CUDA, persistent workers, prefetching."""
+    kw: dict[str, Any] = {
+        "num_workers": config.num_workers,
+        "pin_memory": _pin_memory(config, device.type == "cuda"),
+        "persistent_workers": config.persistent_workers,
+    }
+    if config.prefetch_factor is not None:
+        kw["prefetch_factor"] = config.prefetch_factor
+    return kw
 
 
 def _cpu_processes() -> bool:
@@ -1041,6 +1124,7 @@ class _Run:
     state: dict[str, Any]
     last_good: str | None = None
     bad_step: torch.Tensor | None = None  # first optimizer step with a non-finite loss, -1 if none
+    warned_flip: bool = False
 
     @property
     def out_dir(self) -> Path:
@@ -1086,20 +1170,16 @@ def _setup(config: TrainConfig, accelerator, student: nn.Module | None, teacher:
             f"drop --num-classes."
         )
     ds_name = config.dataset
-    overrides = {
-        k: v
-        for k, v in dict(
-            input_size=(3, config.input_size, config.input_size) if config.input_size else None,
-            crop_pct=config.crop_pct,
-            interpolation=config.interpolation,
-            mean=config.mean,
-            std=config.std,
-        ).items()
-        if v is not None
-    }
-    data_config = D.resolve_model_data_config(student, dataset_name=ds_name, **overrides)
-    wrapper = None
-    if config.method != "ce":
+    data_config = D.resolve_model_data_config(student, dataset_name=ds_name, **_data_config_overrides(config))
+    wrapper = cache = None
+    if config.method != "ce" and config.teacher_cache:
+        from .cache import CachedDistill, TeacherCache
+
+        with accelerator.main_process_first():  # the parquet shards are converted to Arrow once
+            cache = TeacherCache(config.teacher_cache)
+        wrapper = CachedDistill(student, config.method, num_classes, cache=cache, **_loss_kwargs(config))
+        wrapper.to(accelerator.device)  # the loss's own state, if any; there is no teacher
+    elif config.method != "ce":
         from .wrapper import DistillWrapper
 
         with accelerator.main_process_first():  # teacher weights fetched once, then read from the cache
@@ -1111,6 +1191,8 @@ def _setup(config: TrainConfig, accelerator, student: nn.Module | None, teacher:
                 teacher_pretrained=config.pretrained_teacher,
                 teacher_checkpoint=config.teacher_checkpoint if teacher is None else None,
                 data_config=data_config,
+                teacher_channels_last=config.channels_last,
+                compile_teacher=config.compile_teacher,
                 verbose=accelerator.is_main_process,
                 **_loss_kwargs(config),
             )
@@ -1120,22 +1202,14 @@ def _setup(config: TrainConfig, accelerator, student: nn.Module | None, teacher:
         student.to(memory_format=torch.channels_last)
 
     # transforms (timm) and loaders (order and augmentation a pure function of the seed)
-    aug = {
-        k: v
-        for k, v in dict(
-            no_aug=config.no_aug or None,
-            scale=config.scale,
-            ratio=config.ratio,
-            hflip=config.hflip,
-            color_jitter=config.color_jitter,
-            auto_augment=config.auto_augment,
-            re_prob=config.reprob or None,
-        ).items()
-        if v is not None
-    }
-    train_tf = D.create_timm_transform(data_config, is_training=True, dataset_name=ds_name, **aug)
+    train_tf = D.create_timm_transform(
+        data_config, is_training=True, dataset_name=ds_name, **_train_aug_kwargs(config)
+    )
     eval_tf = D.create_timm_transform(data_config, is_training=False, dataset_name=ds_name)
     train_set = D.apply_transform(data.train, train_tf, seed=config.seed, on_corrupt=config.on_corrupt)
+    if cache is not None:  # replay the cached views (refuses a cache built for other data/teacher/transform)
+        cache.check(config, data.train, num_classes, train_tf)
+        train_set = cache.dataset(data.train, train_tf, seed=config.seed)
     val_set = D.apply_transform(data.val, eval_tf, seed=config.seed, on_corrupt=config.on_corrupt)
     world = accelerator.num_processes
     if hasattr(train_set, "__len__") and len(train_set) < config.batch_size * world:
@@ -1148,11 +1222,15 @@ def _setup(config: TrainConfig, accelerator, student: nn.Module | None, teacher:
         config.batch_size,
         shuffle=True,
         seed=config.seed,
-        num_workers=config.num_workers,
         drop_last=True,
+        **_loader_kwargs(config, accelerator.device),
+        **({"collate_fn": cache.collate} if cache is not None else {}),
     )
     val_loader = D.create_loader(
-        val_set, config.eval_batch_size or config.batch_size, shuffle=False, num_workers=config.num_workers
+        val_set,
+        config.eval_batch_size or config.batch_size,
+        shuffle=False,
+        **_loader_kwargs(config, accelerator.device),
     )
 
     # optimizer (timm), EMA, then prepare the student, its optimizer and loaders only
@@ -1263,6 +1341,38 @@ def _setup(config: TrainConfig, accelerator, student: nn.Module | None, teacher:
     return run
 
 
+def _data_config_overrides(config: TrainConfig) -> dict[str, Any]:
+    """The data-config flags that were given (``input_size``, ``crop_pct``, ...)."""
+    return {
+        k: v
+        for k, v in dict(
+            input_size=(3, config.input_size, config.input_size) if config.input_size else None,
+            crop_pct=config.crop_pct,
+            interpolation=config.interpolation,
+            mean=config.mean,
+            std=config.std,
+        ).items()
+        if v is not None
+    }
+
+
+def _train_aug_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """The augmentation flags that were given, as ``timm.data.create_transform`` arguments."""
+    return {
+        k: v
+        for k, v in dict(
+            no_aug=config.no_aug or None,
+            scale=config.scale,
+            ratio=config.ratio,
+            hflip=config.hflip,
+            color_jitter=config.color_jitter,
+            auto_augment=config.auto_augment,
+            re_prob=config.reprob or None,
+        ).items()
+        if v is not None
+    }
+
+
 def _loss_kwargs(config: TrainConfig) -> dict[str, Any]:
     """The loss's keyword arguments; per-step input checks off where the engine does them itself.
 
@@ -1300,27 +1410,40 @@ def _check_teacher(run: _Run, teacher_given: bool) -> None:
     config, state = run.config, run.state
     if run.wrapper is None or state["teacher_metrics"] is not None or config.teacher_check == "off":
         return
-    res = evaluate_model(
-        run.accelerator,
-        run.wrapper.teacher_logits,
-        run.val_loader,
-        run.metric,
-        max_steps=config.max_eval_steps,
-        k=run.k_top,
-        desc="teacher eval",
-        progress=config.progress,
-    )
-    state["teacher_metrics"] = _metric_floats(res.metrics)
-    n = res.metrics["num_samples"]
-    run.log(f"teacher {config.teacher}: {_fmt(res.metrics)} on {n} {config.val_split} images")
-    if not teacher_is_at_chance(res.metrics["top1"], run.num_classes, n):
+    if config.teacher_cache:  # no teacher in memory: its top-1 on the views it cached, from the build
+        m = run.wrapper.cache.manifest
+        name, top1, n = m["teacher"], float(m["teacher_view_top1"]), int(m["num_rows"])
+        run.log(
+            f"teacher {name} from cache {run.wrapper.cache.root}: top-1 {top1:.2f}% on its {n} cached "
+            f"training views (top-{m['top_k']} logits, {m['bytes_per_view']:.1f} bytes per view)"
+        )
+        where = f"on its own {n} cached training views"
+        fix = "Rebuild the cache with a trained teacher (pretrained tag or --teacher-checkpoint)."
+    else:
+        res = evaluate_model(
+            run.accelerator,
+            run.wrapper.teacher_logits,
+            run.val_loader,
+            run.metric,
+            max_steps=config.max_eval_steps,
+            k=run.k_top,
+            desc="teacher eval",
+            progress=config.progress,
+        )
+        state["teacher_metrics"] = _metric_floats(res.metrics)
+        name, top1, n = config.teacher, res.metrics["top1"], res.metrics["num_samples"]
+        run.log(f"teacher {name}: {_fmt(res.metrics)} on {n} {config.val_split} images")
+        where = f"on {config.dataset}[{config.val_split}] ({n} images)"
+        fix = (
+            "Check that the teacher predicts this dataset's classes (--class-map for another label set), "
+            "that its weights loaded (pretrained tag or --teacher-checkpoint) and its input normalization."
+        )
+    if not teacher_is_at_chance(top1, run.num_classes, n):
         return
     msg = (
-        f"broken teacher: {config.teacher} reaches top-1 {res.metrics['top1']:.2f}% on {config.dataset}"
-        f"[{config.val_split}] ({n} images), chance level is {100.0 / run.num_classes:.2f}%; distilling "
-        f"from it would teach noise. Check that the teacher predicts this dataset's classes (--class-map "
-        f"for another label set), that its weights loaded (pretrained tag or --teacher-checkpoint) and "
-        f"its input normalization. --teacher-check warn continues anyway."
+        f"broken teacher: {name} reaches top-1 {top1:.2f}% {where}, chance level is "
+        f"{100.0 / run.num_classes:.2f}%; distilling from it would teach noise. {fix} "
+        "--teacher-check warn continues anyway."
     )
     mode = config.teacher_check
     if mode == "auto":
@@ -1345,6 +1468,29 @@ def _check_finite(run: _Run, where: str) -> None:
             f"Last good checkpoint: {good or 'none (none written yet)'}. Resume from it with "
             f"--resume {good or 'latest'} and a lower --lr, --clip-grad 1.0, or bf16 instead of fp16."
         )
+
+
+#: warn (once per run) when an ATS-family target ranks a wrong class first, where the teacher's own
+#: logits rank the label first (the loss's ``induced_flip``), on more than this fraction of the
+#: samples: docs/capacity_study.md measured 11-34 % with the authors' tau 4 / 3 on
+#: teachers whose logits are small for 100 classes, and ats then trailed kd by 3 points.
+TARGET_FLIP_WARNING = 0.05
+
+
+def _warn_target_flip(run: _Run, flip: float | None) -> None:
+    if flip is None or run.warned_flip or flip <= TARGET_FLIP_WARNING:
+        return
+    run.warned_flip = True
+    kw = run.config.loss_kwargs
+    run.log(
+        f"WARNING: the {run.config.method} target ranks a wrong class above the label on "
+        f"{100 * flip:.1f} % of the training samples the teacher itself gets right "
+        f"(tau_correct={kw.get('tau_correct', 'default')}, tau_wrong={kw.get('tau_wrong', 'default')}), "
+        "so its KD term pulls against cross-entropy there. "
+        "These temperatures are too far apart for this teacher's logit scale: pick them with "
+        "timm_kd.diagnostics.suggest_ats_temperatures(teacher_logits, labels) on training-set logits, "
+        "or raise tau_wrong towards tau_correct."
+    )
 
 
 def _train_epoch(run: _Run, bar) -> dict[str, float]:
@@ -1400,7 +1546,9 @@ def _train_epoch(run: _Run, bar) -> dict[str, float]:
                 try:
                     with acc.autocast():
                         if run.wrapper is not None:
-                            out = run.wrapper(images, target, epoch=epoch_f)
+                            # cached teacher logits ride in the batch (none for online distillation)
+                            cached = {k: batch[k] for k in _CACHE_KEYS if k in batch}
+                            out = run.wrapper(images, target, epoch=epoch_f, **cached)
                         else:
                             logits = student(images)
                             ce = cross_entropy(logits.float(), target)
@@ -1466,6 +1614,7 @@ def _train_epoch(run: _Run, bar) -> dict[str, float]:
             )
             if config.report_to:
                 acc.log(logs, step=gs)
+            _warn_target_flip(run, logs.get("train/induced_flip"))
             sums, n_sum, img_log, t_log = {}, 0, 0, time.time()
         mid_epoch = state["step_in_epoch"] < run.updates_per_epoch
         if (

@@ -58,6 +58,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -514,10 +515,31 @@ class Teacher(nn.Module):
         return out
 
     def compile(self, **compile_kwargs: Any) -> Teacher:  # type: ignore[override]
-        """``torch.compile`` the teacher network (the adapters, a few element-wise ops, stay eager)."""
-        compiled = torch.compile(self.model, **compile_kwargs)
+        """``torch.compile`` the teacher network (the adapters, a few element-wise ops, stay eager).
+
+        Where ``torch.compile`` does not work (no C++ compiler for inductor on CPU, a Python version
+        or platform dynamo does not support, a backend error on the first batch), the teacher warns
+        once, naming the error, and runs eager: compiling is an optimization, never a requirement.
+        """
+        try:
+            compiled = torch.compile(self.model, **compile_kwargs)
+        except Exception as e:  # e.g. "Dynamo is not supported on Python 3.x", an unknown backend
+            self._compile_failed(e)
+            return self
         object.__setattr__(self, "_compiled", compiled)  # shares self.model's weights; not a submodule
         return self
+
+    def _compile_failed(self, error: BaseException) -> None:
+        object.__setattr__(self, "_compiled", None)
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        warnings.warn(
+            f"torch.compile of teacher {self.name!r} failed ({type(error).__name__}: {first}); the teacher "
+            f"runs eager. To compile it, install a C++ compiler (inductor needs one on CPU) and a torch "
+            f"build that supports this platform, or pass compile_teacher={{'backend': 'aot_eager'}}; or "
+            f"drop compile_teacher to silence this.",
+            stacklevel=3,
+        )
+        _logger.warning("teacher %r: torch.compile failed (%s); running eager", self.name, first)
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         c = self._consts.get(device)
@@ -586,25 +608,34 @@ class Teacher(nn.Module):
         model = self.model
         if model.training:  # someone called teacher.model.train(): undo it before it touches BN statistics
             model.eval()
-        net = self._compiled if self._compiled is not None else model
         with torch.inference_mode():
             x = self.adapt(images)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if self.dtype is not None:
                 with torch.autocast(x.device.type, enabled=False):
-                    logits = net(x.to(self.dtype))
+                    logits = self._run(x.to(self.dtype))
             else:
                 p = next(model.parameters(), None)
                 if p is not None and x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
                     x = x.to(p.dtype)  # e.g. bf16 images for a student kept in bf16, teacher in fp32
-                logits = net(x)
+                logits = self._run(x)
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
             if self.class_map is not None:
                 logits = logits.index_select(-1, self._constants(logits.device)[-1])
         # A normal tensor (not an inference tensor): losses may save it for the student's backward.
         return logits.to(dtype=torch.float32, copy=True) if self.dtype is not None else logits.clone()
+
+    def _run(self, x: torch.Tensor) -> Any:
+        """The network on ``x``: compiled if it compiled, else eager (after one warning)."""
+        compiled = self._compiled
+        if compiled is not None:
+            try:
+                return compiled(x)
+            except Exception as e:  # compile errors surface on the first call (or a recompile)
+                self._compile_failed(e)  # a genuine error in the model is raised again by the eager call
+        return self.model(x)
 
     def extra_repr(self) -> str:
         parts = [f"name={self.name!r}", f"num_classes={self.num_classes}", f"input_size={self.input_size}"]

@@ -24,7 +24,8 @@ Math, per sample with teacher logits ``z``, student logits ``v``, label ``y`` an
 * τ1 = τ2 = s = T gives Hinton KD at temperature T (same student gradient as ``kd``).
 * With τ1 > τ2 the label's scaled logit ``z_y / τ1`` can drop below a wrong class's ``z_k / τ2``:
   the target's argmax is then a wrong class and KD pulls against CE. The ``target_flip`` term
-  logs how often that happens in a batch (it also counts samples the teacher misclassifies);
+  logs how often that happens in a batch (it also counts samples the teacher misclassifies;
+  ``induced_flip`` counts only the samples whose teacher logits rank the label first);
   ``timm_kd.diagnostics.suggest_ats_temperatures`` picks (τ1, τ2) that avoid it for a given
   teacher.
 * Unlike a plain softmax, ATS is not invariant to adding a constant to all logits (``c / τ1`` and
@@ -303,7 +304,10 @@ def _ats_objective(
             x.student, x.labels, x.target if x.soft else None, p, loss.student_tau, 1.0 - loss.kd_weight,
             loss.kd_weight, None, STANDARDIZE_EPS if loss.logit_standardize else None,
         )
-        out["target_flip"] = (label_gap(p, x.labels) < 0).float().mean()
+        flipped = label_gap(p, x.labels) < 0
+        out["target_flip"] = flipped.float().mean()
+        # flips made by the temperatures, not by the teacher: its own logits rank the label first
+        out["induced_flip"] = (flipped & (label_gap(zt, x.labels) >= 0)).float().mean()
     return {"loss": total, "ce": ce, "kd": kd, **out}
 
 
@@ -321,8 +325,10 @@ class ATSLoss(DistillLoss):
             the temperatures (Sun et al., CVPR 2024). Not in the ATS paper; off by default.
         check_inputs: validate labels and finiteness on every call (one host sync).
 
-    Returns ``{"loss", "ce", "kd", "target_flip"}``: ``target_flip`` is the fraction of the batch
-    whose ATS target puts a wrong class above the label (see the module docstring).
+    Returns ``{"loss", "ce", "kd", "target_flip", "induced_flip"}``: ``target_flip`` is the
+    fraction of the batch whose ATS target puts a wrong class above the label (see the module
+    docstring), ``induced_flip`` the part of it where the teacher's own logits rank the label
+    first (the flips the temperatures make; the engine warns when it exceeds 5 %).
     """
 
     name = "ats"
@@ -376,7 +382,7 @@ class ISATSLoss(DistillLoss):
             the label (True; see ``isats_select_tau_wrong``).
         student_tau, kd_weight, logit_standardize, check_inputs: as ``ats``.
 
-    Returns ``{"loss", "ce", "kd", "tau_wrong_mean", "target_flip"}``; ``tau_wrong_mean`` is
+    Returns ``{"loss", "ce", "kd", "tau_wrong_mean", "target_flip", "induced_flip"}``; ``tau_wrong_mean`` is
     the batch mean of the chosen τ2.
     """
 

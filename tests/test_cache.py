@@ -1,0 +1,374 @@
+"""Teacher-output cache (timm_kd.cache): top-k compression, view replay, build, resume, cached training."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from _engine_utils import RECIPES, TINY_CONFIG, launch, output, sigkill_tree, subprocess_env
+
+import timm_kd
+import timm_kd.cli
+from timm_kd import cache as C
+from timm_kd import data as D
+from timm_kd import engine
+from timm_kd.losses import is_loss
+
+BUILTIN_LOSSES = ["ats", "dist", "dkd", "dtkd", "isats", "kd", "lskd"]
+TIMM_KD = str(Path(sys.executable).parent / "timm-kd")
+
+#: a tiny run with crops, flips and colour jitter, so every replayable step is exercised
+CONFIG = engine.TrainConfig(
+    **{
+        **TINY_CONFIG,
+        "embedded_kwargs": {"num_train": 48, "num_test": 20},
+        "interpolation": "bilinear",
+        "hflip": 0.5,
+        "color_jitter": 0.3,
+        "epochs": 2,
+        "method": "kd",
+        "max_eval_steps": 1,
+    }
+)
+FLAGS = [
+    "--dataset", "embedded", "--embedded-arg", "num_train=48", "--embedded-arg", "num_test=20",
+    "--teacher", "test_resnet", "--student", "test_resnet", "--no-pretrained-teacher",
+    "--input-size", "32", "--crop-pct", "1", "--hflip", "0.5", "--color-jitter", "0.3",
+    "--interpolation", "bilinear", "--batch-size", "8", "--num-workers", "0", "--no-progress",
+]  # fmt: skip
+BUILD = dict(num_views=2, top_k=5, shard_size=20)
+
+
+def _rows(cache_dir: Path) -> str:
+    """Every row of a cache as JSON text (NaN jitter factors compare equal this way)."""
+    return json.dumps(datasets.load_dataset(str(cache_dir), split="train").to_dict())
+
+
+def _assert_same_cache(a: Path, b: Path) -> None:
+    """Same views exactly; same teacher logits up to float noise (another process, batch or thread
+    count changes the last bits; compared after expansion, so near-ties swapping at the k-th place
+    do not matter)."""
+    da = datasets.load_dataset(str(a), split="train")
+    db = datasets.load_dataset(str(b), split="train")
+    exact = ["index", "view", "label", "crop", "hflip", "vflip", "interpolation", "jitter_order"]
+    assert json.dumps(da.select_columns(exact).to_dict()) == json.dumps(db.select_columns(exact).to_dict())
+    ra, rb = da.with_format("torch")[:], db.with_format("torch")[:]
+    assert torch.equal(ra["jitter"].isnan(), rb["jitter"].isnan())
+    assert torch.equal(ra["jitter"].nan_to_num(), rb["jitter"].nan_to_num())
+    za, zb = (C.expand_logits(r["values"], r["indices"], 100, r["lse"], r["tail_lse"]) for r in (ra, rb))
+    assert torch.allclose(za, zb, atol=2e-3), (za - zb).abs().max()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "c"
+    C.build_teacher_cache(CONFIG, out, **BUILD)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# compress / expand
+
+
+@pytest.mark.parametrize("num_classes,dtype", [(100, torch.int16), (40_000, torch.int32)])
+def test_compress_expand_round_trip(num_classes, dtype):
+    z = torch.randn(6, num_classes) * 3
+    packed = C.compress_logits(z, 10)
+    assert packed["values"].dtype == torch.float16 and packed["values"].shape == (6, 10)
+    assert packed["indices"].dtype == dtype and packed["lse"].dtype == torch.float32
+    top = z.topk(10, dim=1)
+    assert torch.equal(packed["indices"].long(), top.indices)
+    assert torch.allclose(packed["lse"], torch.logsumexp(z, 1))
+    rest = torch.ones_like(z, dtype=torch.bool).scatter_(1, top.indices, False)
+    p = z.softmax(1)
+    p_rest = p[rest].view(6, -1).sum(1)
+    assert torch.allclose(packed["tail_lse"].exp(), (z.exp() * rest).sum(1), rtol=1e-4)
+    # with tail_lse the dropped mass is exact; from lse alone it is 1 - sum(fp16 top-k probs)
+    for lses, mass_rtol in (((packed["lse"], packed["tail_lse"]), 1e-2), ((packed["lse"],), 0.5)):
+        full = C.expand_logits(packed["values"], packed["indices"], num_classes, *lses)
+        assert full.dtype == torch.float32 and full.shape == z.shape
+        # kept entries exact (fp16), so the same top-k probabilities at T = 1
+        assert torch.equal(full.gather(1, top.indices), packed["values"].float())
+        assert torch.allclose(torch.logsumexp(full, 1), packed["lse"], atol=2e-2)
+        q = full.softmax(1)
+        assert torch.allclose(q.gather(1, top.indices), p.gather(1, top.indices), rtol=3e-2, atol=1e-6)
+        # the dropped mass is spread uniformly over the other classes
+        q_rest = q[rest].view(6, -1)
+        assert torch.allclose(q_rest, q_rest[:, :1].expand_as(q_rest))
+        mass = full[rest].view(6, -1).logsumexp(1) - torch.logsumexp(full, 1)
+        assert torch.allclose(mass.exp(), p_rest, rtol=mass_rtol), lses
+
+
+def test_expand_with_all_classes_is_the_fp16_input_and_without_lse_uses_the_margin():
+    z = torch.randn(4, 20) * 2
+    packed = C.compress_logits(z, 20)
+    assert torch.equal(C.expand_logits(packed["values"], packed["indices"], 20), z.half().float())
+    packed = C.compress_logits(z, 3)
+    full = C.expand_logits(packed["values"], packed["indices"], 20)
+    fill = packed["values"].float().min(1).values - C.NO_LSE_MARGIN
+    rest = torch.ones_like(z, dtype=torch.bool).scatter_(1, packed["indices"].long(), False)
+    assert torch.equal(full[rest].view(4, -1), fill[:, None].expand(4, 17))
+
+
+@pytest.mark.parametrize("k", [0, -1, 21])
+def test_bad_k_is_refused_with_the_valid_range(k):
+    with pytest.raises(ValueError, match=r"1 <= k <= num_classes \(20\)"):
+        C.compress_logits(torch.randn(2, 20), k)
+    with pytest.raises(TypeError, match="int"):
+        C.compress_logits(torch.randn(2, 20), 2.0)
+
+
+def test_bad_top_k_is_refused_by_cache_teacher_before_any_teacher_runs(tmp_path, capsys):
+    code = timm_kd.cli.main(["cache-teacher", "--cache-dir", str(tmp_path / "c"), "--top-k", "101", *FLAGS])
+    assert code == 1
+    assert "1 <= k <= num_classes (100), got k=101" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+# measured on these peaked logits (epoch 30: warm-ups done), bounds ~1.4x the measurement; docs/cache.md
+# has the numbers on trained models. grad_rel_err = ||g_k - g|| / ||g||, the gradient w.r.t. the student
+# logits at k = 10 of 100 classes. Losses that read the wrong classes at T = 4 (kd, dkd's NCKD, dtkd) or
+# standardize the logits (lskd) lose most to the flat tail; ats/isats/dist almost nothing.
+GRAD_BOUNDS = {"ats": 0.04, "isats": 0.04, "dist": 0.05, "dkd": 0.55, "dtkd": 0.45, "kd": 0.45, "lskd": 2.3}
+
+
+def _peaked(b: int, c: int, correct: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (b,), generator=g)
+    z = torch.randn(b, c, generator=g) * 1.5
+    z[torch.arange(b), y] += correct
+    return z, y
+
+
+@pytest.mark.parametrize("name", BUILTIN_LOSSES)
+def test_topk_approximation_error_is_bounded_and_vanishes_at_k_equals_c(name):
+    zt, y = _peaked(128, 100, 6.0, 0)
+    zs, _ = _peaked(128, 100, 3.0, 1)
+    loss = timm_kd.create_loss(name)
+    err = C.topk_error(loss, zs, zt, y, 10, epoch=30.0)
+    assert math.isfinite(err["loss_topk"])
+    assert err["grad_rel_err"] < GRAD_BOUNDS[name], err
+    assert err["grad_cos"] > 0.85, err
+    exact = C.topk_error(loss, zs, zt, y, 100, epoch=30.0)  # only fp16 rounding left
+    assert exact["grad_rel_err"] < 1e-3 and exact["loss_rel_err"] < 1e-3, exact
+
+
+# ------------------------------------------------------------------------------------------------
+# replay
+
+
+def test_replayed_views_equal_the_transform_under_the_same_seed():
+    images = D.make_embedded_dataset("train", num_train=4, num_test=1)
+    tf = D.create_timm_transform(
+        {"input_size": (3, 24, 24), "interpolation": "random", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+         "crop_pct": 1.0},
+        is_training=True, hflip=0.5, vflip=0.5, color_jitter=0.4,
+    )  # fmt: skip
+    replay = C.ReplayTransform(tf)
+    flips = set()
+    for i in range(4):
+        image = images[i]["image"].convert("RGB")
+        for seed in range(6):
+            expected = D._seeded_transform(tf, image, seed)
+            pixels, params = D._seeded_transform(replay, image, seed)
+            assert torch.equal(pixels, expected)
+            again, same = replay.replay(image, params)  # no RNG involved
+            assert torch.equal(again, expected) and same == params
+            flips.add(params["hflip"])
+            assert params["crop"][2] > 0 and not math.isnan(params["jitter"][0])
+    assert flips == {True, False}
+
+
+@pytest.mark.parametrize(
+    "kwargs,hint", [({"auto_augment": "rand-m9-mstd0.5"}, "--aa"), ({"re_prob": 0.25}, "--reprob 0")]
+)
+def test_unreplayable_augmentation_is_refused(kwargs, hint):
+    tf = D.create_timm_transform({"input_size": (3, 32, 32)}, is_training=True, **kwargs)
+    with pytest.raises(ValueError, match="cannot record and replay") as e:
+        C.ReplayTransform(tf)
+    assert hint in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# build, format, replay parity with online training
+
+
+def test_cache_loads_with_datasets_and_holds_every_view_in_order(built):
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_shards"] == 3 and manifest["num_rows"] == 96
+    assert manifest["num_classes"] == 100 and manifest["top_k"] == 5 and manifest["index_dtype"] == "int16"
+    assert sorted(p.name for p in (built / "data").iterdir()) == manifest["shards"]
+    ds = datasets.load_dataset(str(built), split="train")
+    assert len(ds) == 96
+    assert ds.features["values"].feature.dtype == "float16"
+    assert ds.features["indices"].feature.dtype == "int16"
+    assert ds["index"] == [i for i in range(48) for _ in range(2)] and ds["view"] == [0, 1] * 48
+    assert len(ds[0]["values"]) == 5 and manifest["bytes_per_view"] > 0
+
+
+def test_replayed_pixels_are_the_teachers_and_the_online_runs(built):
+    cache = C.TeacherCache(built)
+    train = D.load_image_dataset("embedded", "train", embedded_kwargs=CONFIG.embedded_kwargs)
+    student = engine._create_student(CONFIG, 100)
+    dc = D.resolve_model_data_config(
+        student, dataset_name="embedded", **engine._data_config_overrides(CONFIG)
+    )
+    tf = D.create_timm_transform(
+        dc, is_training=True, dataset_name="embedded", **engine._train_aug_kwargs(CONFIG)
+    )
+    cache.check(CONFIG, train, 100, tf)
+    replayed = cache.dataset(train, tf, seed=CONFIG.seed)
+    online = D.apply_transform(train, tf, seed=CONFIG.seed)
+    for index in (0, 7, 47):
+        for epoch in (0, 1):  # view v is what online training draws in epoch v
+            item = replayed[(index, epoch)]
+            assert torch.equal(item["pixel_values"], online[(index, epoch)]["pixel_values"])
+            assert item["label"] == online[(index, epoch)]["label"]
+    batch = C.collate_cached([replayed[(i, 1)] for i in range(4)])
+    assert batch["teacher_values"].dtype == torch.float16 and batch["teacher_values"].shape == (4, 5)
+    assert batch["teacher_indices"].dtype == torch.int16
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+
+
+def test_stored_logits_are_the_teachers_on_the_replayed_pixels(tmp_path):
+    import timm
+
+    net = timm.create_model("test_resnet", num_classes=100)  # a given teacher module
+    out = tmp_path / "c"
+    small = {"num_train": 12, "num_test": 20}
+    C.build_teacher_cache(
+        dataclasses.replace(CONFIG, embedded_kwargs=small), out, num_views=1, top_k=7, teacher=net
+    )
+    cache = C.TeacherCache(out)
+    dc = cache.manifest["data_config"]
+    train = D.load_image_dataset("embedded", "train", embedded_kwargs=small)
+    tf = D.create_timm_transform(dc, is_training=True, dataset_name="embedded", hflip=0.5, color_jitter=0.3)
+    batch = C.collate_cached([cache.dataset(train, tf, seed=CONFIG.seed)[(i, 0)] for i in range(12)])
+    # the teacher as the build ran it: adapted from the student's normalization to its own
+    teacher = timm_kd.DistillWrapper(
+        "test_resnet", net, loss="kd", num_classes=100, data_config=dc, verbose=False
+    )
+    with torch.no_grad():
+        expected = C.compress_logits(teacher.teacher_logits(batch["pixel_values"]), 7)
+    assert torch.equal(batch["teacher_indices"], expected["indices"])
+    assert torch.allclose(batch["teacher_values"].float(), expected["values"].float(), atol=1e-3)
+    assert torch.allclose(batch["teacher_lse"], expected["lse"], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# cached training
+
+
+@pytest.mark.parametrize("name", BUILTIN_LOSSES)
+def test_cached_training_runs_every_loss_without_a_teacher(built, tmp_path, monkeypatch, name):
+    if not is_loss(name):
+        pytest.skip(f"{name} not registered")
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a teacher network was built during cached training")
+
+    monkeypatch.setattr(timm_kd.wrapper.DistillWrapper, "__init__", no_teacher)
+    res = engine.fit(
+        dataclasses.replace(
+            CONFIG, method=name, teacher_cache=str(built), output_dir=str(tmp_path / name), max_train_steps=2
+        )
+    )
+    assert res.global_step == 2
+    train = res.summary["run"]["history"][-1]["train"]
+    assert math.isfinite(train["loss"]) and train["loss"] > 0
+
+
+def test_mismatched_or_incomplete_cache_is_refused(built, tmp_path):
+    def fit(**changes):
+        run = {"teacher_cache": str(built), "output_dir": str(tmp_path / "r"), "max_train_steps": 1}
+        return engine.fit(dataclasses.replace(CONFIG, **{**run, **changes}))
+
+    with pytest.raises(ValueError, match=r"does not match this run: transform: cache") as e:
+        fit(scale=(0.5, 1.0))
+    assert "timm-kd cache-teacher" in str(e.value)
+    with pytest.raises(ValueError, match="dataset_fingerprint: cache"):
+        fit(embedded_kwargs={"num_train": 40, "num_test": 20})
+    with pytest.raises(ValueError, match="teacher: cache 'test_resnet', now 'resnet10t'"):
+        fit(teacher="resnet10t")
+    with pytest.raises(ValueError, match="Mixup/CutMix"):
+        fit(mixup=0.2)
+    broken = tmp_path / "partial"
+    shutil.copytree(built, broken)
+    m = json.loads((broken / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({**m, "complete": False}))
+    with pytest.raises(ValueError, match="incomplete .*Rerun the same `timm-kd cache-teacher`"):
+        fit(teacher_cache=str(broken))
+    # resuming a build with other settings is refused too
+    with pytest.raises(ValueError, match="built with other settings .*top_k: cache 5, now 6"):
+        C.build_teacher_cache(CONFIG, broken, **{**BUILD, "top_k": 6})
+
+
+def test_resume_after_a_lost_shard_gives_the_same_cache(built, tmp_path):
+    partial = tmp_path / "p"
+    shutil.copytree(built, partial)
+    m = json.loads((partial / "manifest.json").read_text())
+    (partial / "manifest.json").write_text(json.dumps({**m, "complete": False}))
+    (partial / "data" / m["shards"][1]).unlink()
+    (partial / "data" / f".tmp-{m['shards'][1]}.123").write_bytes(b"half a shard")  # a killed writer
+    done = {n: (partial / "data" / n).stat().st_mtime_ns for n in (m["shards"][0], m["shards"][2])}
+    C.build_teacher_cache(CONFIG, partial, **BUILD)
+    assert {n: (partial / "data" / n).stat().st_mtime_ns for n in done} == done  # skipped, not rebuilt
+    assert sorted(p.name for p in (partial / "data").iterdir()) == m["shards"]
+    assert _rows(partial) == _rows(built)
+
+
+@pytest.mark.slow
+def test_sigkilled_build_resumes_to_the_same_cache(built, tmp_path):
+    out = tmp_path / "k"
+    cmd = [TIMM_KD, "cache-teacher", "--cache-dir", str(out), "--num-views", "2", "--top-k", "5",
+           "--shard-size", "2", *FLAGS]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=subprocess_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if list((out / "data").glob("train-*.parquet")):  # killed right after its first shard
+            break
+        time.sleep(0.02)
+    sigkill_tree(proc)
+    shards = list((out / "data").glob("train-*.parquet"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert 1 <= len(shards) < 24 and not manifest["complete"], proc.stdout.read().decode()[-3000:]
+    for shard in shards:  # every shard present is complete
+        assert len(datasets.Dataset.from_parquet(str(shard))) == 4
+    res = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert res.returncode == 0, output(res)
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+    _assert_same_cache(out, built)
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_same_cache_and_train_from_it(built, tmp_path):
+    out = tmp_path / "c2"
+    args = ["cache-teacher", "--cache-dir", str(out), "--num-views", "2", "--top-k", "5",
+            "--shard-size", "20",
+            *FLAGS]  # fmt: skip
+    res = launch(tmp_path, Path(TIMM_KD), args, num_processes=2, timeout=300)
+    assert res.returncode == 0, output(res)
+    _assert_same_cache(out, built)
+    assert (
+        json.loads((out / "manifest.json").read_text())["dataset_fingerprint"]
+        == json.loads((built / "manifest.json").read_text())["dataset_fingerprint"]
+    )
+    run_dir = tmp_path / "run"
+    train = [*FLAGS, "--teacher-cache", str(out), "--method", "ats", "--epochs", "2",
+             "--max-train-steps", "4",
+             "--max-eval-steps", "1", "--teacher-check", "warn", "--output-dir", str(run_dir)]  # fmt: skip
+    res = launch(tmp_path, RECIPES / "imagenet_ats.py", train, num_processes=2, timeout=300)
+    assert res.returncode == 0, output(res)
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["run"]["world_size"] == 2 and summary["run"]["global_step"] == 4
+    assert summary["method"] == "ats" and math.isfinite(summary["run"]["history"][-1]["train"]["loss"])
+    assert "from cache" in res.stdout + res.stderr
