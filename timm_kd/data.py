@@ -226,7 +226,7 @@ def make_embedded_dataset(
     What the default gives (150 source digits, noise 0.3, shift 2, no distortion, 32x32, 10,000
     train / 2,000 test images). With ``recipes/quickstart.py``'s schedule (3 epochs, AdamW, batch
     64, 2-core CPU, seed 0): teacher ``resnet10t`` (4.97M params) 84.2 % top-1, student
-    ``test_resnet`` (0.38M) trained alone 74.4 %, the same student distilled with ATS 79.6 %.
+    ``test_resnet`` (0.38M) trained alone 74.4 %, the same student distilled with ATS 79.3 %.
     Each model trained alone with cross-entropy for 10 epochs (AdamW, lr 2e-3, cosine, batch 128,
     timm transforms, seed 0; ``benchmarks/embedded_dataset.py``, one CPU thread on a 2-core
     machine shared with other jobs, so the times were taken under load)::
