@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _bench import interleaved_times, nbytes, status_kb
 from timm.data import resolve_data_config
 
 from timm_kd import DistillWrapper, create_loss, list_losses
@@ -220,10 +220,6 @@ def _workloads(losses: list[str]) -> list[str]:
     return names
 
 
-def _nbytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
 def build_steps(
     args: argparse.Namespace, env: Env, names: list[str], batch_size: int, num_classes: int
 ) -> tuple[dict[str, Callable[[], None]], dict[str, nn.Module]]:
@@ -318,7 +314,7 @@ def build_steps(
             loss_fn = create_loss(loss, check_inputs=False).to(dev)
 
             def cached_loss(f=loss_fn, s=store) -> torch.Tensor:
-                z = expand_logits(s["values"], s["indices"], num_classes, s["lse"])
+                z = expand_logits(s["values"], s["indices"], num_classes, s["lse"], s["tail_lse"])
                 return f(student(x), z, y, epoch=EPOCH)["loss"]
 
             steps[cached(loss)] = train_step(cached_loss)
@@ -329,31 +325,11 @@ def time_steps(
     env: Env, steps: dict[str, Callable[[], None]], repeats: int, warmup: int, label: str = ""
 ) -> dict[str, list[float]]:
     """Seconds per step, ``repeats`` samples per workload, interleaved with a rotating order."""
-    order = list(steps)
-    times: dict[str, list[float]] = {k: [] for k in order}
-    total = warmup + repeats
-    for r in range(total):
-        for name in order:
-            env.sync()
-            t0 = env.clock()
-            steps[name]()
-            env.sync()
-            dt = env.clock() - t0
-            if r >= warmup:
-                times[name].append(dt)
-        order = order[1:] + order[:1]
-        print(f"\r{label}round {r + 1}/{total}   ", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    return times
+    return interleaved_times(steps, repeats, warmup, clock=env.clock, sync=env.sync, progress=label)
 
 
 # --------------------------------------------------------------------------------------------------
 # memory: one fresh process per workload
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
 def memory_child(args: argparse.Namespace) -> None:
@@ -361,7 +337,7 @@ def memory_child(args: argparse.Namespace) -> None:
     env = Env(args)
     name = args._memory
     batch_size, num_classes = (int(v) for v in args._point.split(","))
-    base = 0 if env.cuda else _status_kb("VmRSS")
+    base = 0 if env.cuda else status_kb("VmRSS")
     steps, models = build_steps(args, env, [name], batch_size, num_classes)
     step = steps[name]
     step()  # warm-up: optimizer state, allocator pools, cached logits
@@ -374,8 +350,8 @@ def memory_child(args: argparse.Namespace) -> None:
     step()
     step()
     env.sync()
-    peak = torch.cuda.max_memory_allocated(env.device) if env.cuda else (_status_kb("VmHWM") - base) * 1024
-    out = {"peak_mb": peak / 2**20, "weights_mb": {k: _nbytes(m) / 2**20 for k, m in models.items()}}
+    peak = torch.cuda.max_memory_allocated(env.device) if env.cuda else (status_kb("VmHWM") - base) * 1024
+    out = {"peak_mb": peak / 2**20, "weights_mb": {k: nbytes(m) / 2**20 for k, m in models.items()}}
     print("MEMORY " + json.dumps(out))
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _bench import interleaved_times
 
 from timm_kd.losses import create_loss, list_losses
 
@@ -73,20 +74,17 @@ def time_candidates(
     clock: Callable[[], float] = time.process_time,
 ) -> dict[str, list[float]]:
     """Seconds per forward+backward, ``repeats`` samples per candidate, interleaved."""
-    labels = list(cands)
-    times: dict[str, list[float]] = {k: [] for k in labels}
-    for r in range(warmup + repeats):
-        shift = r % len(labels)
-        for label in labels[shift:] + labels[:shift]:  # rotate the order so no candidate always goes first
-            fn = cands[label]
-            t0 = clock()
+
+    def passes(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
             for _ in range(inner):
                 student.grad = None
                 fn().backward()
-            dt = (clock() - t0) / inner
-            if r >= warmup:
-                times[label].append(dt)
-    return times
+
+        return run
+
+    times = interleaved_times({k: passes(fn) for k, fn in cands.items()}, repeats, warmup, clock=clock)
+    return {k: [t / inner for t in v] for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> str:

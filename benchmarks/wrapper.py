@@ -35,15 +35,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
-import time
 
 import timm
 import torch
 import torch.nn.functional as F
+from _bench import interleaved_times, nbytes, status_kb
 from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg
 
@@ -165,34 +164,17 @@ def make_steps(args, student, teacher, wrapper, x, y, x_teacher) -> dict:
 
 def time_all(args) -> dict[str, list[float]]:
     steps = make_steps(args, *build(args))
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    order = list(steps)
-    for r in range(args.warmup + args.repeats):
-        for name in order:
-            t0 = time.perf_counter()
-            steps[name]()
-            dt = time.perf_counter() - t0
-            if r >= args.warmup:
-                times[name].append(dt)
-        order = order[1:] + order[:1]  # rotate, so no workload always runs right after another
-        print(f"\rround {r + 1}/{args.warmup + args.repeats}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    return times
+    return interleaved_times(steps, args.repeats, args.warmup, progress="")
 
 
 # --------------------------------------------------------------------------------------------------
 # memory (one fresh process per workload)
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
 def memory_child(args) -> None:
     """Runs in a fresh process: prints JSON with the peak RSS above the post-import baseline."""
     name = args._memory
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     need_student = name != "teacher forward"
     need_teacher = name != "student step"
     parts = build(args, need_student=need_student, need_teacher=need_teacher)
@@ -205,18 +187,14 @@ def memory_child(args) -> None:
         f.write("5")  # reset VmHWM to the current RSS
     step()
     step()
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     student, teacher = parts[0], parts[1]
     out = {
         "peak_above_imports_mb": (peak - base) / 1024,
-        "teacher_weights_mb": _nbytes(teacher) / 2**20 if teacher is not None and need_teacher else 0.0,
-        "student_weights_mb": _nbytes(student) / 2**20 if student is not None else 0.0,
+        "teacher_weights_mb": nbytes(teacher) / 2**20 if teacher is not None and need_teacher else 0.0,
+        "student_weights_mb": nbytes(student) / 2**20 if student is not None else 0.0,
     }
     print("MEMORY " + json.dumps(out))
-
-
-def _nbytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def memory_all(args, argv: list[str]) -> dict[str, dict]:
