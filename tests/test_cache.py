@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from _engine_utils import RECIPES, TINY_CONFIG, launch, output, sigkill_tree, subprocess_env
@@ -66,6 +67,8 @@ def _assert_same_cache(a: Path, b: Path) -> None:
     assert torch.equal(ra["jitter"].nan_to_num(), rb["jitter"].nan_to_num())
     za, zb = (C.expand_logits(r["values"], r["indices"], 100, r["lse"], r["tail_lse"]) for r in (ra, rb))
     assert torch.allclose(za, zb, atol=2e-3), (za - zb).abs().max()
+    pa, pb = C.TeacherCache(a).tail_prior, C.TeacherCache(b).tail_prior
+    assert pa is not None and torch.allclose(pa, pb, atol=1e-3), (pa - pb).abs().max()
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +165,60 @@ def test_topk_approximation_error_is_bounded_and_vanishes_at_k_equals_c(name):
     assert exact["grad_rel_err"] < 1e-3 and exact["loss_rel_err"] < 1e-3, exact
 
 
+def _structured(n: int, c: int, seed: int, similarity: torch.Tensor):
+    """Logits of a teacher that knows which classes look alike: the label's similarity row + noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (n,), generator=g)
+    z = similarity[y] + 0.4 * torch.randn(n, c, generator=g)
+    z[torch.arange(n), y] += 5.0
+    return z, y
+
+
+def test_tail_prior_keeps_the_mass_takes_the_priors_shape_and_cuts_the_error():
+    c, k = 100, 10
+    similarity = torch.randn(c, c, generator=torch.Generator().manual_seed(7)) * 1.5
+    train, _ = _structured(3000, c, 0, similarity)
+    prior = C.TailPrior(c)
+    for chunk in train.split(1000):  # batches add up like one pass
+        prior.add(chunk)
+    table = prior.table()
+    one = C.TailPrior(c)
+    one.add(train)
+    assert torch.allclose(table, one.table(), atol=1e-6)
+    top1 = train.argmax(1)
+    assert torch.allclose(table[top1[0]], train[top1 == top1[0]].log_softmax(1).mean(0), atol=1e-5)
+
+    z, y = _structured(256, c, 1, similarity)
+    packed = C.compress_logits(z, k)
+    idx = packed["indices"].long()
+    full = C.expand_logits(packed["values"], packed["indices"], c, packed["lse"], packed["tail_lse"], table)
+    assert torch.equal(full.gather(1, idx), packed["values"].float())  # kept entries as stored
+    dropped = torch.ones_like(z, dtype=torch.bool).scatter_(1, idx, False)
+    vmin = packed["values"].float().min(1, keepdim=True).values
+    # the tail's mass is the teacher's, and no dropped class climbs above the smallest kept one
+    tail_mass = full.masked_fill(~dropped, float("-inf")).logsumexp(1)
+    assert torch.allclose(tail_mass, packed["tail_lse"], atol=1e-4)
+    assert torch.allclose(full.logsumexp(1), packed["lse"], atol=5e-3)  # fp16 rounding of the top values
+    assert (full.masked_fill(~dropped, float("-inf")) <= vmin).all()
+    # the prior's shape: below the cap, the rebuilt tail is the prior row shifted by one number per row
+    free = dropped & (full < vmin)
+    held = dropped & (full == vmin)
+    assert held.any(1).float().mean() > 0.3  # on these logits the cap binds often: the test exercises it
+    offset = (full - table[idx[:, 0]]).masked_fill(~free, float("nan"))
+    spread = offset.nan_to_num(-1e9).amax(1) - offset.nan_to_num(1e9).amin(1)
+    assert (spread[free.any(1)] < 1e-4).all()
+    # every loss gets a gradient closer to the full teacher's (measured 0.59-0.85 x the flat tail's
+    # error: kd 0.50 -> 0.29, dkd 0.60 -> 0.35, dtkd 0.46 -> 0.22, lskd 2.13 -> 0.48, ats 0.037 -> 0.022)
+    zs = 0.5 * z + torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+    for name in BUILTIN_LOSSES:
+        loss = timm_kd.create_loss(name)
+        flat = C.topk_error(loss, zs, z, y, k, epoch=30.0)["grad_rel_err"]
+        shaped = C.topk_error(loss, zs, z, y, k, epoch=30.0, tail_prior=table)["grad_rel_err"]
+        assert shaped < 0.75 * flat, (name, shaped, flat)
+    with pytest.raises(ValueError, match=r"tail_prior must be \[C, C\] = \[100, 100\]"):
+        C.expand_logits(packed["values"], packed["indices"], c, packed["lse"], packed["tail_lse"], table[:50])
+
+
 # ------------------------------------------------------------------------------------------------
 # replay
 
@@ -215,6 +272,26 @@ def test_cache_loads_with_datasets_and_holds_every_view_in_order(built):
     assert len(ds[0]["values"]) == 5 and manifest["bytes_per_view"] > 0
 
 
+def test_fast_row_reader_gives_the_datasets_rows_and_pickles_for_workers(built):
+    import pickle
+
+    cache = C.TeacherCache(built)
+    rows = datasets.load_dataset(str(built), split="train")
+    reader = pickle.loads(pickle.dumps(cache.reader))  # as a DataLoader worker receives it
+    assert len(pickle.dumps(cache.reader)) < 10_000  # by path, not the table's bytes
+    for i in (0, 1, len(rows) // 2, len(rows) - 1):
+        want, got = rows[i], reader[i]
+        assert set(got) == set(want)
+        for key, value in want.items():
+            if isinstance(value, list):
+                a, b = np.asarray(got[key], dtype=float), np.asarray(value, dtype=float)
+                assert np.allclose(a, b, equal_nan=True), key
+            else:
+                assert got[key] == value, key
+    with pytest.raises(IndexError):
+        reader[len(rows)]
+
+
 def test_replayed_pixels_are_the_teachers_and_the_online_runs(built):
     cache = C.TeacherCache(built)
     train = D.load_image_dataset("embedded", "train", embedded_kwargs=CONFIG.embedded_kwargs)
@@ -262,6 +339,12 @@ def test_stored_logits_are_the_teachers_on_the_replayed_pixels(tmp_path):
     assert torch.equal(batch["teacher_indices"], expected["indices"])
     assert torch.allclose(batch["teacher_values"].float(), expected["values"].float(), atol=1e-3)
     assert torch.allclose(batch["teacher_lse"], expected["lse"], atol=1e-4)
+    # the tail prior is the teacher's mean log-softmax over these views, by top-1 class
+    prior = C.TailPrior(100)
+    with torch.no_grad():
+        prior.add(teacher.teacher_logits(batch["pixel_values"]))
+    assert cache.manifest["tail_prior"] == C.TAIL_PRIOR_FILE and (out / C.TAIL_PRIOR_FILE).is_file()
+    assert torch.allclose(cache.tail_prior, prior.table(), atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,6 +370,38 @@ def test_cached_training_runs_every_loss_without_a_teacher(built, tmp_path, monk
     assert math.isfinite(train["loss"]) and train["loss"] > 0
 
 
+def test_cached_wrapper_rebuilds_the_tail_from_the_prior_unless_told_flat(built):
+    import timm
+
+    cache = C.TeacherCache(built)
+    rows = cache.rows[:8]
+    keys = {
+        "teacher_values": torch.as_tensor(rows["values"]).half(),
+        "teacher_indices": torch.as_tensor(rows["indices"]).short(),
+        "teacher_lse": torch.as_tensor(rows["lse"]),
+        "teacher_tail_lse": torch.as_tensor(rows["tail_lse"]),
+    }
+    images, target = torch.randn(8, 3, 32, 32), torch.as_tensor(rows["label"])
+    outs = {}
+    for tail in ("prior", "flat"):
+        student = timm.create_model("test_resnet", num_classes=100)
+        wrapper = C.CachedDistill(student, "kd", 100, cache=cache, tail=tail)
+        assert (wrapper.tail_prior is not None) == (tail == "prior")
+        assert "tail_prior" not in wrapper.state_dict()  # a property of the cache, not saved with the student
+        outs[tail] = wrapper(images, target, **keys)["teacher_output"]
+    kept = torch.zeros(8, 100, dtype=torch.bool).scatter_(1, keys["teacher_indices"].long(), True)
+    assert torch.equal(outs["prior"][kept], outs["flat"][kept])
+    flat_tail = outs["flat"].masked_fill(kept, float("nan"))
+    assert torch.allclose(flat_tail.nanmean(1), flat_tail.nan_to_num(-1e9).amax(1))  # one value per row
+    prior_tail = outs["prior"].masked_fill(kept, float("nan"))
+    assert (prior_tail.nan_to_num(-1e9).amax(1) - prior_tail.nan_to_num(1e9).amin(1) > 0.01).all()
+    for out in outs.values():  # the same tail mass either way
+        mass = out.masked_fill(kept, float("-inf")).logsumexp(1)
+        assert torch.allclose(mass, keys["teacher_tail_lse"], atol=1e-4)
+    with pytest.raises(ValueError, match="tail must be one of"):
+        C.CachedDistill(timm.create_model("test_resnet", num_classes=100), "kd", 100, cache=cache, tail="x")
+
+
 def test_mismatched_or_incomplete_cache_is_refused(built, tmp_path):
     def fit(**changes):
         run = {"teacher_cache": str(built), "output_dir": str(tmp_path / "r"), "max_train_steps": 1}
@@ -301,6 +416,8 @@ def test_mismatched_or_incomplete_cache_is_refused(built, tmp_path):
         fit(teacher="resnet10t")
     with pytest.raises(ValueError, match="Mixup/CutMix"):
         fit(mixup=0.2)
+    with pytest.raises(ValueError, match="--teacher-cache-tail must be 'prior' .* or 'flat', got 'shaped'"):
+        fit(teacher_cache_tail="shaped")
     broken = tmp_path / "partial"
     shutil.copytree(built, broken)
     m = json.loads((broken / "manifest.json").read_text())
@@ -318,12 +435,15 @@ def test_resume_after_a_lost_shard_gives_the_same_cache(built, tmp_path):
     m = json.loads((partial / "manifest.json").read_text())
     (partial / "manifest.json").write_text(json.dumps({**m, "complete": False}))
     (partial / "data" / m["shards"][1]).unlink()
+    (partial / "prior" / m["shards"][1].replace(".parquet", ".safetensors")).unlink()  # lost with its shard
+    (partial / "tail_prior.safetensors").unlink()  # only written when the build completes
     (partial / "data" / f".tmp-{m['shards'][1]}.123").write_bytes(b"half a shard")  # a killed writer
     done = {n: (partial / "data" / n).stat().st_mtime_ns for n in (m["shards"][0], m["shards"][2])}
     C.build_teacher_cache(CONFIG, partial, **BUILD)
     assert {n: (partial / "data" / n).stat().st_mtime_ns for n in done} == done  # skipped, not rebuilt
     assert sorted(p.name for p in (partial / "data").iterdir()) == m["shards"]
     assert _rows(partial) == _rows(built)
+    _assert_same_cache(partial, built)  # the tail prior too
 
 
 @pytest.mark.slow

@@ -6,8 +6,10 @@ arXiv 2112.01528). This module holds the logit compression used by the cache.
 Compression keeps, per sample, the ``k`` largest logits (fp16), their class indices, and two fp32
 log-sum-exps: of the full logit vector and of the ``C - k`` dropped logits. Expansion rebuilds a full
 ``[B, C]`` logit vector whose softmax at temperature 1 equals the teacher's on the top-k classes and
-spreads the remaining probability mass uniformly over the other ``C - k`` classes. See ``docs/cache.md``
-for the measured error per loss.
+puts the exact remaining probability mass on the other ``C - k`` classes, shaped by the cache's *tail
+prior* (the teacher's mean log-probabilities over the training views it ranked first in the same
+class; one ``[C, C]`` table per cache, nothing per view) or, without one, spread uniformly. See
+``docs/cache.md`` for the measured error per loss.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "compress_logits",
     "expand_logits",
     "index_dtype",
+    "TailPrior",
     "ReplayTransform",
     "build_teacher_cache",
     "dataset_fingerprint",
@@ -40,6 +43,13 @@ __all__ = [
     "collate_cached",
     "topk_error",
 ]
+
+#: Largest number of classes for which a build stores a tail prior (``[C, C]`` float32: 4 MB at C = 1000,
+#: 64 MB at 4096); above it (ImageNet-21k) the cache has none and the tail is rebuilt flat.
+TAIL_PRIOR_MAX_CLASSES = 4096
+TAIL_PRIOR_FILE = "tail_prior.safetensors"
+#: how ``expand_logits`` shapes the dropped logits: the cache's prior, or one flat value
+TAIL_MODES = ("prior", "flat")
 
 # Fill used by ``expand_logits`` when no log-sum-exp is stored: missing logits sit this far below the
 # smallest kept logit (a softmax ratio of exp(-8) ~ 3.4e-4 per missing class at T = 1).
@@ -108,18 +118,107 @@ def compress_logits(logits: Tensor, k: int) -> dict[str, Tensor]:
     }
 
 
+#: water-filling rounds of ``_fill_tail`` (fixed: no host sync; 4 were enough on every trained teacher tried)
+_FILL_ROUNDS = 8
+
+
+def _fill_tail(shape: Tensor, tail_lse: Tensor, cap: Tensor) -> Tensor:
+    """Shift each row of ``shape`` (``-inf`` at the kept classes) so that its log-sum-exp is ``tail_lse``
+    with no entry above ``cap`` (``[B, 1]`` each): water-filling. With ``H`` the entries held at the
+    cap and ``F`` the free ones::
+
+        f_j = shape_j + a,   a = log(exp(tail_lse) - |H| exp(cap)) - logsumexp_{j in F} shape_j
+
+    and every free entry that ends above the cap joins ``H``; repeated ``_FILL_ROUNDS`` times (``H``
+    only grows, so this converges; the true tail satisfies the constraint, so a solution exists). A
+    last ``min`` keeps the cap even if the rounds ran out (then the tail's mass is slightly low).
+    """
+    held = torch.zeros_like(shape, dtype=torch.bool)
+    out = shape + (tail_lse - shape.logsumexp(dim=1, keepdim=True))
+    for _ in range(_FILL_ROUNDS):
+        held |= out > cap
+        n_held = held.sum(dim=1, keepdim=True).to(shape.dtype)
+        rest = tail_lse + torch.log1p(-(n_held * (cap - tail_lse).exp()).clamp(max=1.0 - 1e-6))
+        free = shape.masked_fill(held, float("-inf"))
+        # (clamp: a row whose every entry is held has no free mass; keeps -inf + inf out of it)
+        out = torch.where(held, cap, free + (rest - free.logsumexp(dim=1, keepdim=True).clamp_min(-1e30)))
+    return torch.minimum(out, cap)
+
+
+class TailPrior:
+    """Running sums for a cache's tail prior: the teacher's mean log-softmax, grouped by its top-1 class.
+
+    For every view ``b`` with teacher logits ``z_b`` and top-1 class ``c_b = argmax z_b``::
+
+        prior[c, :] = mean over {b : c_b = c} of log softmax(z_b)            [C, C]
+
+    (float64 sums; a class the teacher never ranks first gets the mean over all views). Row ``c`` is
+    what this teacher, on average, thinks of every other class when it says "c": which wrong classes
+    look like ``c``. ``expand_logits`` uses it to shape the dropped logits of a view whose top-1 is
+    ``c``. It is a property of the teacher and the training views, stored once per cache
+    (``tail_prior.safetensors``), so the per-view cost stays k values, k indices and two numbers.
+    """
+
+    def __init__(self, num_classes: int):
+        self.sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)
+
+    def add(self, logits: Tensor) -> None:
+        """Accumulate a batch of ``[B, C]`` teacher logits (any device and float dtype)."""
+        z = logits.detach().float()
+        lp = z.log_softmax(dim=1).double().cpu()
+        top1 = z.argmax(dim=1).cpu()
+        self.sums.index_add_(0, top1, lp)
+        self.counts += torch.bincount(top1, minlength=self.counts.numel()).double()
+
+    def merge(self, other: TailPrior) -> TailPrior:
+        self.sums += other.sums
+        self.counts += other.counts
+        return self
+
+    def state(self) -> dict[str, Tensor]:
+        return {"sums": self.sums, "counts": self.counts}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor]) -> TailPrior:
+        out = cls(state["counts"].numel())
+        out.sums, out.counts = state["sums"].double(), state["counts"].double()
+        return out
+
+    def table(self) -> Tensor:
+        """The ``[C, C]`` float32 prior (mean log-probabilities per top-1 class)."""
+        seen = self.counts > 0
+        if not bool(seen.any()):
+            raise ValueError("tail prior: no views were added.")
+        overall = self.sums[seen].sum(dim=0) / self.counts.sum()
+        mean = self.sums / self.counts.clamp_min(1.0)[:, None]
+        return torch.where(seen[:, None], mean, overall).float()
+
+
 def expand_logits(
     values: Tensor,
     indices: Tensor,
     num_classes: int,
     lse: Tensor | None = None,
     tail_lse: Tensor | None = None,
+    tail_prior: Tensor | None = None,
 ) -> Tensor:
     """Rebuild ``[B, C]`` float32 logits from top-k values/indices (inverse of ``compress_logits``).
 
-    The kept entries are written back exactly (``out[b, idx[b, j]] = values[b, j]``). Every other entry
-    gets one fill value ``f_b`` per row, chosen so the softmax at T = 1 keeps the dropped probability
-    mass and spreads it uniformly. With the dropped logits' log-sum-exp ``T_b`` (``tail_lse``)::
+    The kept entries are written back exactly (``out[b, idx[b, j]] = values[b, j]``). The others are
+    filled so that the softmax at T = 1 keeps the dropped probability mass exactly.
+
+    With a tail prior ``P`` (``[C, C]``, ``TailPrior.table()``) and ``tail_lse`` ``T_b``, the dropped
+    entries take the prior's shape for the view's top-1 class ``c = idx[b, 0]``, shifted to the stored
+    mass::
+
+        out[b, j] = P[c, j] + T_b - logsumexp_{j' dropped} P[c, j']     (j dropped; <= min_j v_j)
+
+    so the tail keeps its mass *and* the teacher's typical ranking of the wrong classes (what a
+    tempered softmax at T > 1 brings forward). No dropped logit may exceed the smallest kept one (the
+    teacher's own order): entries the shift would lift above it are held there and the rest shifted
+    up to keep the mass (``_fill_tail``). Without a prior, every dropped entry gets one fill
+    value ``f_b`` per row and the mass is spread uniformly. With ``tail_lse``::
 
         f = T - log(C - k)                          (clamped to <= min_j v_j)
         => sum over the dropped classes of exp(f) = exp(T): their mass is the teacher's, exactly.
@@ -136,12 +235,12 @@ def expand_logits(
     neither, the fill is ``min_j v_j - NO_LSE_MARGIN`` (8.0): each dropped class is treated as
     exp(8) ~ 3000x less likely than the smallest kept one.
 
-    Approximation: only the T = 1 distribution's top-k entries and tail mass are preserved. A tempered
-    softmax ``softmax(out / T)`` at ``T != 1`` is not exactly the teacher's (the teacher's tail is not
-    flat, and flattening it changes how mass moves when the temperature changes), and losses that use
-    the logits themselves (standardization, logit moments, per-class ranks) see a flat tail. The error
-    per registered loss is measured in ``docs/cache.md`` and bounded in ``tests/test_cache.py``.
-    With ``k == C`` the result equals the fp16-rounded input.
+    Approximation: the T = 1 distribution's top-k entries and tail mass are preserved; the tail's
+    shape is the prior's (this view's own deviations from its class's average are lost) or flat. A
+    tempered softmax ``softmax(out / T)`` at ``T != 1`` is therefore not exactly the teacher's, and
+    losses that use the logits themselves (standardization, logit moments) see the rebuilt tail. The
+    error per registered loss, prior and flat, is measured in ``docs/cache.md`` and bounded in
+    ``tests/test_cache.py``. With ``k == C`` the result equals the fp16-rounded input.
 
     Args:
         values: ``[B, k]`` top-k logits (any float dtype).
@@ -149,6 +248,7 @@ def expand_logits(
         num_classes: ``C``, the full number of classes.
         lse: optional ``[B]`` fp32 log-sum-exp of the full logits.
         tail_lse: optional ``[B]`` fp32 log-sum-exp of the dropped logits (preferred over ``lse``).
+        tail_prior: optional ``[C, C]`` tail prior (used with ``tail_lse``; else ignored).
 
     Returns:
         ``[B, C]`` float32 logits on ``values``' device.
@@ -162,6 +262,17 @@ def expand_logits(
     v = values.float()
     idx = indices.long()
     vmin = v.min(dim=1).values
+    if k < num_classes and tail_lse is not None and tail_prior is not None:
+        if tail_prior.shape != (num_classes, num_classes):
+            raise ValueError(
+                f"tail_prior must be [C, C] = [{num_classes}, {num_classes}], got {tuple(tail_prior.shape)}; "
+                f"it belongs to a cache of another number of classes."
+            )
+        shape = tail_prior.to(device=v.device, dtype=torch.float32).index_select(0, idx[:, 0])
+        shape.scatter_(1, idx, float("-inf"))  # the kept classes take no part in the tail's mass
+        tail = tail_lse.to(device=v.device, dtype=torch.float32).reshape(-1, 1)
+        out = _fill_tail(shape, tail, vmin[:, None])
+        return out.scatter_(1, idx, v)
     if k == num_classes:
         fill = vmin  # nothing to fill; any value is overwritten by the scatter below
     elif tail_lse is not None:
@@ -332,6 +443,7 @@ class ReplayTransform:
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 DATA_DIR = "data"
+PRIOR_DIR = "prior"  # per-shard TailPrior sums, merged into TAIL_PRIOR_FILE when the build completes
 #: manifest keys that must agree between a partial cache and the command resuming it
 BUILD_KEYS = (
     "format_version",
@@ -350,6 +462,7 @@ BUILD_KEYS = (
     "transform",
     "shard_size",
     "num_shards",
+    "tail_prior",
 )
 #: manifest keys a training run must agree with (the rest describes how the cache was built)
 TRAIN_KEYS = (
@@ -467,7 +580,9 @@ configs:
 Top-{top_k} logits of teacher `{teacher}` for {num_views} augmented view(s) of each of the {num_images} images
 of `{dataset}` [{train_split}], with each view's augmentation parameters. Built by `timm-kd cache-teacher`;
 train from it with `--teacher-cache <this folder>`. Load it with
-`datasets.load_dataset("<this folder>", split="train")`. `manifest.json` holds the build settings.
+`datasets.load_dataset("<this folder>", split="train")`. `manifest.json` holds the build settings;
+`tail_prior.safetensors` (when present) the teacher's mean log-probabilities per top-1 class, which shape
+the dropped logits when they are rebuilt.
 """
 
 
@@ -584,6 +699,7 @@ def build_teacher_cache(
         data_config, is_training=True, dataset_name=config.dataset, **_train_aug_kwargs(config)
     )
     replay = ReplayTransform(transform)
+    with_prior = top_k < num_classes <= TAIL_PRIOR_MAX_CLASSES
     n = len(data.train)
     num_shards = max(1, math.ceil(n / shard_size))
     root, data_dir = Path(cache_dir), Path(cache_dir) / DATA_DIR
@@ -610,6 +726,7 @@ def build_teacher_cache(
         "shard_size": shard_size,
         "num_shards": num_shards,
         "index_dtype": str(index_dtype(num_classes)).replace("torch.", ""),
+        "tail_prior": TAIL_PRIOR_FILE if with_prior else None,
         "complete": False,
         "timm_kd_version": __version__,
     }
@@ -626,7 +743,8 @@ def build_teacher_cache(
             return saved
     if acc.is_main_process:
         data_dir.mkdir(parents=True, exist_ok=True)
-        for stale in data_dir.glob(".tmp-*"):  # left by a killed build
+        (root / PRIOR_DIR).mkdir(exist_ok=True)
+        for stale in [*data_dir.glob(".tmp-*"), *(root / PRIOR_DIR).glob(".tmp-*")]:  # left by a killed build
             stale.unlink()
         _write_json_atomic(root / MANIFEST_FILE, manifest)
         (root / "README.md").write_text(_README.format(**manifest))
@@ -665,6 +783,7 @@ def build_teacher_cache(
             pin_memory=acc.device.type == "cuda",
         )
         columns: dict[str, list] = {name: [] for name in features}
+        prior = TailPrior(num_classes) if with_prior else None
         for batch in loader:
             images = batch.pop("pixel_values").to(acc.device, non_blocking=True)
             if config.channels_last:
@@ -672,6 +791,8 @@ def build_teacher_cache(
             with torch.inference_mode(), acc.autocast():
                 logits = frozen(images)
             packed = compress_logits(logits, top_k)
+            if prior is not None:
+                prior.add(logits)
             columns["values"] += packed["values"].cpu().tolist()
             columns["indices"] += packed["indices"].cpu().tolist()
             columns["lse"] += packed["lse"].cpu().tolist()
@@ -679,6 +800,8 @@ def build_teacher_cache(
             for key, value in batch.items():
                 columns[key] += value
         final = data_dir / shard_name(s, num_shards)
+        if prior is not None:  # before the shard: a finished shard always has its prior sums
+            _save_atomic(prior.state(), root / PRIOR_DIR / f"{final.stem}.safetensors")
         tmp = data_dir / f".tmp-{final.name}.{os.getpid()}"
         datasets.Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
         os.replace(tmp, final)  # a shard is either complete or absent
@@ -708,6 +831,12 @@ def _finalize(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     expected = manifest["num_images"] * manifest["num_views"]
     if rows != expected:
         raise RuntimeError(f"teacher cache {root}: {rows} rows, expected {expected}; delete it and rebuild.")
+    if manifest.get("tail_prior"):
+        prior = None
+        for f in files:
+            part = TailPrior.from_state(_load_safetensors(root / PRIOR_DIR / f"{f.stem}.safetensors"))
+            prior = part if prior is None else prior.merge(part)
+        _save_atomic({"log_prior": prior.table()}, root / TAIL_PRIOR_FILE)
     size = sum(f.stat().st_size for f in files)
     manifest = {
         **manifest,
@@ -720,6 +849,27 @@ def _finalize(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     }
     _write_json_atomic(root / MANIFEST_FILE, manifest)
     return manifest
+
+
+def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
+    """``safetensors`` file written to a temporary name, then renamed: whole or absent."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}.{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise RuntimeError(
+            f"teacher cache {path.parent.parent}: {path.name} is missing (a shard written by an older "
+            f"timm-kd?); delete the cache folder and rebuild it."
+        )
+    return load_file(str(path))
 
 
 def _log(acc, msg: str) -> None:
@@ -736,6 +886,72 @@ def _read_class_map(class_map: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 # Training from the cache
 # --------------------------------------------------------------------------------------------------
+
+
+class _ArrowRows:
+    """Fast row reads from a ``datasets.Dataset``'s memory-mapped Arrow table.
+
+    ``ds[i]`` formats a row through several layers of ``datasets`` (~2.5 ms for a cache row, more than
+    decoding a small image); here numeric columns are read from zero-copy numpy views of each Arrow
+    chunk (made on first use, so the memory stays the page cache's) and bool/string columns as
+    pyarrow scalars: a few microseconds per row. Pickles as the dataset (by path), so DataLoader
+    workers rebuild their own views.
+    """
+
+    def __init__(self, dataset):
+        if getattr(dataset, "_indices", None) is not None:
+            raise ValueError("_ArrowRows reads table rows directly; flatten_indices() the dataset first")
+        self.dataset = dataset
+        self._columns: dict[str, tuple[list, list[int]]] | None = None
+        self._views: dict[tuple[str, int], Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "_columns": None, "_views": {}}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _open(self) -> dict[str, tuple[list, list[int]]]:
+        import itertools
+
+        table = self.dataset.data.table
+        self._columns = {}
+        for name in table.column_names:
+            chunks = table.column(name).chunks
+            self._columns[name] = (chunks, list(itertools.accumulate((len(c) for c in chunks), initial=0)))
+        return self._columns
+
+    def _view(self, name: str, c: int, chunks: list):
+        import pyarrow as pa
+
+        view = self._views.get((name, c))
+        if view is None:
+            chunk, kind = chunks[c], chunks[c].type
+            if pa.types.is_fixed_size_list(kind) and (
+                pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)
+            ):
+                view = chunk.flatten().to_numpy(zero_copy_only=True).reshape(-1, kind.list_size)
+            elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
+                view = chunk.to_numpy(zero_copy_only=True)
+            else:
+                view = chunk  # bool (bit-packed) and strings: per-row scalars
+            self._views[(name, c)] = view
+        return view
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import bisect
+
+        import numpy as np
+
+        if not 0 <= i < len(self.dataset):
+            raise IndexError(f"row {i} out of range for {len(self.dataset)} rows")
+        out = {}
+        for name, (chunks, starts) in (self._columns or self._open()).items():
+            c = bisect.bisect_right(starts, i) - 1
+            view = self._view(name, c, chunks)
+            j = i - starts[c]
+            out[name] = np.array(view[j]) if isinstance(view, np.ndarray) else view[j].as_py()
+        return out
 
 
 class TeacherCache:
@@ -770,9 +986,19 @@ class TeacherCache:
                 f"teacher cache {self.root}: {len(self.rows)} rows, expected "
                 f"{m['num_images'] * m['num_views']}; delete it and rebuild."
             )
+        self.reader = _ArrowRows(self.rows)  # what training reads rows through (``self.rows[i]`` is slow)
         self.num_views = int(m["num_views"])
         self.num_classes = int(m["num_classes"])
         self.top_k = int(m["top_k"])
+        #: ``[C, C]`` tail prior (``TailPrior``), or None (flat tail): caches of C > 4096, k = C, older builds
+        self.tail_prior = None
+        if m.get("tail_prior"):
+            self.tail_prior = _load_safetensors(self.root / m["tail_prior"])["log_prior"]
+            if self.tail_prior.shape != (self.num_classes, self.num_classes):
+                raise ValueError(
+                    f"teacher cache {self.root}: {m['tail_prior']} has shape {tuple(self.tail_prior.shape)}, "
+                    f"expected [{self.num_classes}, {self.num_classes}]; delete the cache and rebuild it."
+                )
 
     def check(self, config, train_dataset, num_classes: int, transform: Callable) -> None:
         """Raise ``ValueError`` listing every difference between the cache and this training run."""
@@ -841,7 +1067,7 @@ class CachedViewDataset(torch.utils.data.Dataset):
 
         index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
         view = epoch % self.cache.num_views
-        row = self.cache.rows[index * self.cache.num_views + view]
+        row = self.cache.reader[index * self.cache.num_views + view]
         if int(row["index"]) != index or int(row["view"]) != view:
             raise ValueError(
                 f"teacher cache {self.cache.root}: row {index * self.cache.num_views + view} holds image "
@@ -885,7 +1111,8 @@ class CachedDistill(nn.Module):
 
     ``forward(images, target, epoch, teacher_values=..., teacher_indices=..., teacher_lse=...,
     teacher_tail_lse=...)``
-    rebuilds the teacher's ``[B, C]`` logits with ``expand_logits`` and returns ``{"loss", "output",
+    rebuilds the teacher's ``[B, C]`` logits with ``expand_logits`` (with the cache's tail prior, unless
+    ``tail="flat"``) and returns ``{"loss", "output",
     "teacher_output", <loss terms>}`` like the wrapper. No teacher network exists in memory.
     """
 
@@ -895,16 +1122,21 @@ class CachedDistill(nn.Module):
         loss: str,
         num_classes: int,
         cache: TeacherCache | None = None,
+        tail: str = "prior",
         **loss_kwargs: Any,
     ):
         super().__init__()
         from .losses import create_loss
 
+        if tail not in TAIL_MODES:
+            raise ValueError(f"tail must be one of {TAIL_MODES}, got {tail!r}.")
         self.student = student
         self.loss_fn = create_loss(loss, **loss_kwargs)
         self.loss_name = loss
         self.num_classes = int(num_classes)
         self.cache = cache
+        prior = cache.tail_prior if cache is not None and tail == "prior" else None
+        self.register_buffer("tail_prior", prior, persistent=False)  # moves with .to(device)
 
     def forward(
         self,
@@ -918,7 +1150,7 @@ class CachedDistill(nn.Module):
         teacher_tail_lse: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         teacher_output = expand_logits(
-            teacher_values, teacher_indices, self.num_classes, teacher_lse, teacher_tail_lse
+            teacher_values, teacher_indices, self.num_classes, teacher_lse, teacher_tail_lse, self.tail_prior
         )
         output = self.student(images)
         terms = self.loss_fn(output, teacher_output, target, epoch=epoch)
@@ -937,12 +1169,13 @@ def topk_error(
     *,
     epoch: float | None = None,
     use_lse: bool = True,
+    tail_prior: Tensor | None = None,
 ) -> dict[str, float]:
     """How much distilling from top-k teacher logits changes a loss and its gradient.
 
     Computes ``L = loss_fn(z_s, z_t, y)["loss"]`` with the full teacher logits and ``L_k`` with
-    ``expand_logits(compress_logits(z_t, k))``, and their gradients ``g``, ``g_k`` with respect to the
-    student logits ``z_s``::
+    ``expand_logits(compress_logits(z_t, k), tail_prior=...)``, and their gradients ``g``, ``g_k`` with
+    respect to the student logits ``z_s``::
 
         loss_rel_err = |L_k - L| / |L|
         grad_rel_err = ||g_k - g||_F / ||g||_F
@@ -953,7 +1186,7 @@ def topk_error(
     """
     packed = compress_logits(teacher_logits, k)
     lse = (packed["lse"], packed["tail_lse"]) if use_lse else (None, None)
-    approx = expand_logits(packed["values"], packed["indices"], teacher_logits.shape[1], *lse)
+    approx = expand_logits(packed["values"], packed["indices"], teacher_logits.shape[1], *lse, tail_prior)
     out = {}
     grads = []
     for z_t in (teacher_logits.detach().float(), approx):

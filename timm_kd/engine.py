@@ -124,6 +124,7 @@ class TrainConfig:
     pretrained_teacher: bool = True
     teacher_checkpoint: str | None = None
     teacher_cache: str | None = None
+    teacher_cache_tail: str = "prior"
     pretrained_student: bool = False
     student_checkpoint: str | None = None
     num_classes: int | None = None
@@ -374,6 +375,10 @@ def check_config(config: TrainConfig) -> None:
             raise ValueError(
                 "--teacher-cache replays views by row index; it does not work with --streaming. Drop one."
             )
+    if config.teacher_cache_tail not in ("prior", "flat"):
+        raise ValueError(
+            f"--teacher-cache-tail must be 'prior' (default) or 'flat', got {config.teacher_cache_tail!r}."
+        )
     if config.resume not in (None, "", "latest") and not os.path.isdir(config.resume):
         raise FileNotFoundError(
             f"--resume {config.resume!r} is not a checkpoint folder. Pass a folder written by a previous "
@@ -496,6 +501,13 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
         metavar="DIR",
         help="distill from the stored top-k logits of a `timm-kd cache-teacher` folder instead of running "
         "the teacher (no teacher in memory; see docs/cache.md)",
+    )
+    g.add_argument(
+        "--teacher-cache-tail",
+        choices=("prior", "flat"),
+        default=d.teacher_cache_tail,
+        help="how the logits the cache dropped are rebuilt: shaped by the cache's tail prior (the teacher's "
+        "mean log-probabilities per top-1 class; default) or one flat value (an ablation)",
     )
     g.add_argument(
         "--pretrained-student",
@@ -1177,7 +1189,10 @@ def _setup(config: TrainConfig, accelerator, student: nn.Module | None, teacher:
 
         with accelerator.main_process_first():  # the parquet shards are converted to Arrow once
             cache = TeacherCache(config.teacher_cache)
-        wrapper = CachedDistill(student, config.method, num_classes, cache=cache, **_loss_kwargs(config))
+        wrapper = CachedDistill(
+            student, config.method, num_classes, cache=cache, tail=config.teacher_cache_tail,
+            **_loss_kwargs(config),
+        )
         wrapper.to(accelerator.device)  # the loss's own state, if any; there is no teacher
     elif config.method != "ce":
         from .wrapper import DistillWrapper
@@ -1415,7 +1430,8 @@ def _check_teacher(run: _Run, teacher_given: bool) -> None:
         name, top1, n = m["teacher"], float(m["teacher_view_top1"]), int(m["num_rows"])
         run.log(
             f"teacher {name} from cache {run.wrapper.cache.root}: top-1 {top1:.2f}% on its {n} cached "
-            f"training views (top-{m['top_k']} logits, {m['bytes_per_view']:.1f} bytes per view)"
+            f"training views (top-{m['top_k']} logits, {m['bytes_per_view']:.1f} bytes per view; dropped "
+            f"logits rebuilt {'from the tail prior' if run.wrapper.tail_prior is not None else 'flat'})"
         )
         where = f"on its own {n} cached training views"
         fix = "Rebuild the cache with a trained teacher (pretrained tag or --teacher-checkpoint)."

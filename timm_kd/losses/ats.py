@@ -202,7 +202,6 @@ def _exp_sums(d: torch.Tensor, betas: Sequence[float]) -> dict[float, torch.Tens
     return sums
 
 
-@torch.no_grad()
 def isats_select_tau_wrong(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -235,6 +234,19 @@ def isats_select_tau_wrong(
     rest is ``[B]`` arithmetic in float64. Returns a ``[B]`` tensor of temperatures
     in the logits' dtype.
     """
+    return _isats_search(teacher_logits, labels, tau_correct, candidates, keep_label_argmax)[0]
+
+
+@torch.no_grad()
+def _isats_search(
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    tau_correct: float,
+    candidates: Sequence[float],
+    keep_label_argmax: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``isats_select_tau_wrong``'s choice, with its buffer ``d = z - m`` (``-inf`` on the label) and
+    ``m`` ``[B, 1]``, the largest wrong-class logit, from which ``_isats_target`` builds the target."""
     cands = sorted((check_positive("tau_wrong candidate", c, "isats") for c in candidates), reverse=True)
     if not cands:
         raise ValueError("isats: the tau_wrong candidate set is empty; pass at least one temperature")
@@ -264,7 +276,30 @@ def isats_select_tau_wrong(
         score = torch.where(ok.any(dim=0, keepdim=True), score, gap)
     best = score.argmax(dim=0)  # first maximum: the largest τ2 among ties
     taus = torch.tensor(cands, dtype=teacher_logits.dtype, device=teacher_logits.device)
-    return taus[best]
+    return taus[best], d, top
+
+
+@torch.no_grad()
+def _isats_target(
+    d: torch.Tensor, top: torch.Tensor, teacher_logits: torch.Tensor, idx: torch.Tensor, tau_correct: float,
+    tau_wrong: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ats_target_probs(z, y, τ1, τ2)`` built in place in the search's buffer ``d`` (``z - m`` with
+    ``-inf`` on the label; ``m = top`` the largest wrong-class logit), without a fresh ``[B, C]`` tensor.
+
+    The log-weights against the top wrong class are ``d_k / τ2`` (``k != y``, at most 0) and
+    ``a = z_y / τ1 - m / τ2`` for the label, so ``max(a, 0)`` is the row maximum and the shift that
+    keeps ``exp`` from overflowing. Returns ``(p, flipped, induced)``: ``[B]`` flags as
+    ``label_gap(p) < 0`` and ``(label_gap(p) < 0) & (label_gap(z) >= 0)``."""
+    t2 = tau_wrong.unsqueeze(1)
+    z_y = teacher_logits.gather(1, idx)
+    a = z_y / tau_correct - top / t2
+    shift = a.clamp_min(0.0)
+    p = torch.addcmul(-shift, d, 1.0 / t2, out=d).scatter_(1, idx, a - shift).exp_()
+    # the flags of ``_ats_objective`` without another pass: the target puts a wrong class above the
+    # label iff a < 0, and the teacher ranks the label first iff z_y >= m
+    flipped = (a < 0).squeeze(1)
+    return p.mul_(1.0 / p.sum(dim=1, keepdim=True)), flipped, flipped & (z_y >= top).squeeze(1)
 
 
 def _lookup(sums: dict[float, torch.Tensor], beta: float) -> torch.Tensor:
@@ -293,21 +328,25 @@ def _ats_objective(
     out: dict[str, torch.Tensor] = {}
     with loss.float32(x.student):
         zt = standardize_logits(x.teacher) if loss.logit_standardize else x.teacher
-        if tau_wrong is None:
-            tau_wrong = isats_select_tau_wrong(
+        if tau_wrong is None:  # ISATS: the target is built in the search's buffer
+            tau_wrong, d, top = _isats_search(
                 zt, x.labels, loss.tau_correct, loss.tau_wrong_candidates, loss.keep_label_argmax
             )
             out["tau_wrong_mean"] = tau_wrong.mean()
-        p = ats_target_probs(zt, x.labels, loss.tau_correct, tau_wrong)
+            idx = x.labels.unsqueeze(1)
+            p, flipped, induced = _isats_target(d, top, zt, idx, loss.tau_correct, tau_wrong)
+        else:
+            p = ats_target_probs(zt, x.labels, loss.tau_correct, tau_wrong)
+            flipped = label_gap(p, x.labels) < 0
+            # flips made by the temperatures, not by the teacher: its own logits rank the label first
+            induced = flipped & (label_gap(zt, x.labels) >= 0)
         # (1 - λ) CE + λ s^2 softCE(p, softmax(z_s / s)) in one Function (``_fused.py``)
         total, ce, kd = soft_target_objective(
             x.student, x.labels, x.target if x.soft else None, p, loss.student_tau, 1.0 - loss.kd_weight,
             loss.kd_weight, None, STANDARDIZE_EPS if loss.logit_standardize else None,
         )
-        flipped = label_gap(p, x.labels) < 0
         out["target_flip"] = flipped.float().mean()
-        # flips made by the temperatures, not by the teacher: its own logits rank the label first
-        out["induced_flip"] = (flipped & (label_gap(zt, x.labels) >= 0)).float().mean()
+        out["induced_flip"] = induced.float().mean()
     return {"loss": total, "ce": ce, "kd": kd, **out}
 
 

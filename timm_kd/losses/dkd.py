@@ -36,6 +36,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._base import DistillLoss, check_non_negative, check_positive, cross_entropy, warmup_factor
+from ._fused import ce_target_grad_, row_dot
 from ._registry import register_loss
 from .standardize import standardize_logits
 
@@ -43,13 +44,16 @@ __all__ = ["DKDLoss", "dkd_terms"]
 
 
 class _DecoupledKL(torch.autograd.Function):
-    """Per-sample ``(TCKD, NCKD)`` (without ``T^2``) of ``u = z_s / T``, ``v = z_t / T`` (the division
-    is folded into the shifts), with a closed-form backward (``dL/dz_s = dL/du / T``).
+    """``(loss, CE, TCKD_T, NCKD_T)`` with ``TCKD_T = T^2 mean_b TCKD``, ``NCKD_T = T^2 mean_b NCKD`` and
+    ``loss = w_ce CE + w_t TCKD_T + w_n NCKD_T``, from student logits ``x`` and teacher logits ``t``
+    (``u = x / T``, ``v = t / T``: the division is folded into the shifts), with a closed-form backward
+    (``dL/dx = dL/du / T``). Every output is differentiable: the backward weighs each term by
+    ``w * grad_loss + grad_term``.
 
-    One ``exp`` per side. With ``m`` the largest non-target logit, ``d = u - m``, ``e = exp(d)`` with
+    One ``exp`` per side. With ``m`` the largest non-target logit, ``d = u - m / T``, ``e = exp(d)`` with
     0 on the target, ``S_n = sum_k e_k >= 1`` (the non-target mass, summed directly: it keeps full
     precision when ``q_y`` is close to 1 and cannot underflow) and ``log S = logaddexp(log S_n, d_y)``,
-    and the same ``f``, ``Z_n``, ``Z`` for the teacher's ``v`` (``dv = v - m_v``)::
+    and the same ``f``, ``Z_n``, ``Z`` for the teacher's ``v`` (``dv = v - m_t / T``)::
 
         log q_y = d_y - log S,   log(1 - q_y) = log S_n - log S,   q~_k = e_k / S_n   (k != y)
         TCKD = p_y (log p_y - log q_y) + (1 - p_y) (log(1 - p_y) - log(1 - q_y))
@@ -61,14 +65,26 @@ class _DecoupledKL(torch.autograd.Function):
         dNCKD/du_y = 0                 dNCKD/du_k = q~_k - p~_k
 
     which autograd would otherwise reach through two log-softmaxes, two logsumexps, gathers and
-    scatters (about 20 ``[B, C]`` kernels). Tests check it against autograd on mdistiller's formula.
+    scatters (about 20 ``[B, C]`` kernels). With ``with_ce`` the cross-entropy at ``T = 1`` (labels
+    ``idx`` or the soft target) is formed in the same Function from one more ``exp`` of the student
+    logits shifted by their maximum ``max(m, x_y)`` (``_fused.py``'s formulas), so it needs no
+    log-softmax of its own. Tests check it against autograd on mdistiller's formula.
     """
 
     @staticmethod
-    def forward(ctx, u, v, labels, tau=1.0):
-        idx = labels.unsqueeze(1)
-        (d, e, log_sn, d_y) = _non_target_exp(u, idx, tau)
-        (dv, f, log_zn, dv_y) = _non_target_exp(v, idx, tau)
+    def forward(ctx, x, t, idx, soft, tau, w_ce, w_t, w_n, with_ce):
+        n = x.shape[0]
+        d, m = _non_target_shift(x, idx, tau)
+        dv, m_t = _non_target_shift(t, idx, tau)
+        f = dv.exp()  # 0 on the target
+        # <f, dv - d> before d turns into e in place; the target's -inf - -inf is set to 0 (f is 0 there)
+        f_dd = row_dot(f, dv.sub_(d).scatter_(1, idx, 0.0))
+        e = d.exp_()
+        s_n, z_n = e.sum(dim=1, keepdim=True), f.sum(dim=1, keepdim=True)
+        x_y = x.gather(1, idx)
+        d_y, dv_y = ((x_y - m) / tau).double(), ((t.gather(1, idx) - m_t) / tau).double()
+        log_sn, log_zn = s_n.double().log(), z_n.double().log()
+        # the [B, 1] arithmetic runs in float64: TCKD is a difference of logs scaled by T^2
         log_s, log_z = torch.logaddexp(log_sn, d_y), torch.logaddexp(log_zn, dv_y)
         log_q_y, log_p_y = d_y - log_s, dv_y - log_z
         log_q_n, log_p_n = log_sn - log_s, log_zn - log_z  # log(1 - q_y), log(1 - p_y)
@@ -77,42 +93,63 @@ class _DecoupledKL(torch.autograd.Function):
         tckd = torch.where(p_y > 0, p_y * (log_p_y - log_q_y), 0.0) + torch.where(
             p_n > 0, p_n * (log_p_n - log_q_n), 0.0
         )
-        nckd = torch.linalg.vecdot(f, dv.sub_(d)).unsqueeze(1) / log_zn.exp() - log_zn + log_sn
-        # the [B, 1] arithmetic above runs in float64: TCKD is a difference of logs scaled by T^2
-        rows = (log_sn.exp(), log_zn.exp(), log_q_y.exp(), p_y)
-        ctx.save_for_backward(*(v.to(u.dtype) for v in rows), e, f, idx)
-        ctx.tau = tau
-        return tckd.squeeze(1).to(u.dtype), nckd.squeeze(1).to(u.dtype)
+        nckd = f_dd.double() / z_n.double() - log_zn + log_sn
+        tckd, nckd = tckd.mean().to(x.dtype) * tau**2, nckd.mean().to(x.dtype) * tau**2
+        e1 = s1 = sigma = None
+        ce = x.new_zeros(())
+        if with_ce:  # CE = log S_1 - (x_y - x_max), or sigma log S_1 - <soft, x - x_max>
+            x_max = torch.maximum(m, x_y)
+            e1 = torch.sub(x, x_max)
+            if soft is None:
+                ce = -(x_y - x_max)
+            else:
+                sigma = soft.sum(dim=1, keepdim=True)
+                ce = -row_dot(soft, e1)
+            s1 = e1.exp_().sum(dim=1, keepdim=True)
+            ce = (ce + (s1.log() if sigma is None else sigma * s1.log())).mean()
+        q_y, p_y = log_q_y.exp().to(x.dtype), p_y.to(x.dtype)
+        ctx.save_for_backward(s_n, z_n, q_y, p_y, e, f, idx, e1, s1, soft, sigma)
+        ctx.consts = (tau, w_ce, w_t, w_n, n)
+        return w_ce * ce + w_t * tckd + w_n * nckd, ce, tckd, nckd
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_tckd, grad_nckd):
-        s_n, z_n, q_y, p_y, e, f, idx = ctx.saved_tensors
-        g_t, g_n = grad_tckd.unsqueeze(1) / ctx.tau, grad_nckd.unsqueeze(1) / ctx.tau  # du/dx = 1/T
-        grad = e * ((g_t * (p_y - q_y) + g_n) / s_n)
-        grad.addcmul_(f, -g_n / z_n)
-        grad.scatter_(1, idx, g_t * (q_y - p_y))
-        return grad, None, None, None
+    def backward(ctx, grad, grad_ce, grad_tckd, grad_nckd):
+        s_n, z_n, q_y, p_y, e, f, idx, e1, s1, soft, sigma = ctx.saved_tensors
+        tau, w_ce, w_t, w_n, n = ctx.consts
+        # d(T^2 mean_b K_b)/dx = (T / B) dK/du
+        g_t, g_n = (grad * w_t + grad_tckd) * (tau / n), (grad * w_n + grad_nckd) * (tau / n)
+        out = e * ((g_t * (p_y - q_y) + g_n) / s_n)
+        out.addcmul_(f, -g_n / z_n)
+        out.scatter_(1, idx, g_t * (q_y - p_y))
+        if e1 is not None:  # + dCE/dx = sigma softmax(x) - target
+            g_ce = (grad * w_ce + grad_ce) / n
+            out.addcmul_(e1, (g_ce if sigma is None else g_ce * sigma) / s1)
+            ce_target_grad_(out, idx, soft, g_ce)
+        return out, None, None, None, None, None, None, None, None
 
 
-def _non_target_exp(z: torch.Tensor, idx: torch.Tensor, tau: float) -> tuple[torch.Tensor, ...]:
-    """``(d, e, log S_n, d_y)`` for ``u = z / tau``: ``d = u - m`` with ``m`` the largest non-target
-    scaled logit (so ``S_n >= 1`` never underflows), ``e = exp(d)`` with 0 on the target,
-    ``S_n = sum e``, ``d_y = u_y - m``; ``d`` is 0 on the target (so ``0 * d`` stays 0 there)."""
+def _non_target_shift(z: torch.Tensor, idx: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d, m)`` for ``u = z / tau``: ``m`` ``[B, 1]`` the largest non-target logit and
+    ``d = (z - m) / tau`` (a new tensor) with ``-inf`` on the target, so that ``exp(d)`` is 0 there
+    and its sum ``S_n >= 1`` never underflows."""
     d = z.scatter(1, idx, float("-inf"))
     m = d.amax(dim=1, keepdim=True)
-    d = d.sub_(m) if tau == 1.0 else d.sub_(m).div_(tau)
-    e = d.exp()
-    d_y = (z.gather(1, idx) - m) / tau
-    return d.scatter_(1, idx, 0.0), e, e.sum(dim=1, keepdim=True).double().log(), d_y.double()
+    if tau == 1.0:
+        d.sub_(m)
+    else:  # (z - m) / tau in one pass, in place
+        torch.add(m * (-1.0 / tau), d, alpha=1.0 / tau, out=d)
+    return d, m
 
 
 def dkd_terms(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(TCKD, NCKD)``, each ``T^2 * KL`` as a batch mean; ``labels`` are class indices ``[B]``."""
-    tckd, nckd = _DecoupledKL.apply(student_logits, teacher_logits.detach(), labels, float(tau))
-    return tckd.mean() * tau**2, nckd.mean() * tau**2
+    _, _, tckd, nckd = _DecoupledKL.apply(
+        student_logits, teacher_logits.detach(), labels.unsqueeze(1), None, float(tau), 0.0, 1.0, 1.0, False
+    )
+    return tckd, nckd
 
 
 @register_loss("dkd")
@@ -168,12 +205,16 @@ class DKDLoss(DistillLoss):
         if x.student.shape[1] < 2:
             raise ValueError(f"{self.name}: needs at least 2 classes to split target and non-target classes.")
         with self.float32(x.student):
-            zs, zt = x.student, x.teacher
-            if self.logit_standardize:
-                zs, zt = standardize_logits(zs), standardize_logits(zt)
-            ce = cross_entropy(x.student, x.target)
-            tckd, nckd = dkd_terms(zs, zt, x.labels, self.tau)
-            loss = self.ce_weight * ce + warmup * (self.alpha * tckd + self.beta * nckd)
+            if self.logit_standardize:  # the terms see z-scores, cross-entropy the raw logits
+                zs, zt = standardize_logits(x.student), standardize_logits(x.teacher)
+                ce = cross_entropy(x.student, x.target)
+                tckd, nckd = dkd_terms(zs, zt, x.labels, self.tau)
+                loss = self.ce_weight * ce + warmup * (self.alpha * tckd + self.beta * nckd)
+            else:  # cross-entropy from the same Function: one more exp instead of a log-softmax
+                loss, ce, tckd, nckd = _DecoupledKL.apply(
+                    x.student, x.teacher, x.labels.unsqueeze(1), x.target if x.soft else None, self.tau,
+                    self.ce_weight, warmup * self.alpha, warmup * self.beta, True,
+                )
         return {
             "loss": loss,
             "ce": ce.detach(),
