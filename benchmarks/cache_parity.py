@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=3)
     parser.add_argument("--num-train", type=int, default=10_000, help="embedded training images")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds")
+    parser.add_argument("--json", default=None, help="report file (default: <output-dir>/cache_parity.json)")
     args = parser.parse_args()
     out = Path(args.output_dir)
     methods, tails = args.methods.split(","), args.tails.split(",")
@@ -146,7 +147,7 @@ def main() -> None:
                         cfg,
                         teacher_cache=str(cache_dir),
                         teacher_cache_tail=tail,
-                        output_dir=str(out / f"cached_{tail}_{method}_s{seed}"),
+                        output_dir=str(out / f"cached_k{args.top_k}_{tail}_{method}_s{seed}"),
                     )
                 )
             results.append(row)
@@ -217,8 +218,9 @@ def main() -> None:
         "errors": errors,
         "total_s": total,
     }
-    (out / "cache_parity.json").write_text(json.dumps(report, indent=2, default=str))
-    print(f"written to {out / 'cache_parity.json'}")
+    path = Path(args.json) if args.json else out / "cache_parity.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":

@@ -1428,10 +1428,14 @@ def _check_teacher(run: _Run, teacher_given: bool) -> None:
     if config.teacher_cache:  # no teacher in memory: its top-1 on the views it cached, from the build
         m = run.wrapper.cache.manifest
         name, top1, n = m["teacher"], float(m["teacher_view_top1"]), int(m["num_rows"])
+        tail = "dropped logits rebuilt flat"
+        if m["top_k"] == m["num_classes"]:
+            tail = "every logit stored"
+        elif run.wrapper.tail_prior is not None:
+            tail = "dropped logits rebuilt from the tail prior"
         run.log(
             f"teacher {name} from cache {run.wrapper.cache.root}: top-1 {top1:.2f}% on its {n} cached "
-            f"training views (top-{m['top_k']} logits, {m['bytes_per_view']:.1f} bytes per view; dropped "
-            f"logits rebuilt {'from the tail prior' if run.wrapper.tail_prior is not None else 'flat'})"
+            f"training views (top-{m['top_k']} logits, {m['bytes_per_view']:.1f} bytes per view; {tail})"
         )
         where = f"on its own {n} cached training views"
         fix = "Rebuild the cache with a trained teacher (pretrained tag or --teacher-checkpoint)."
