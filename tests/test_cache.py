@@ -174,6 +174,22 @@ def _structured(n: int, c: int, seed: int, similarity: torch.Tensor):
     return z, y
 
 
+def test_fill_tail_holds_the_cap_keeps_the_mass_and_stays_finite_when_every_entry_is_held():
+    shape = torch.tensor([[0.0, 3.0, 2.0, -1.0, float("-inf")], [1.0, 1.0, 1.0, 1.0, float("-inf")]])
+    cap = torch.tensor([[0.5], [0.0]])
+    # row 0: room below the cap; row 1: the mass is exactly 4 entries at the cap (all held)
+    tail = torch.tensor([[1.2], [math.log(4.0)]])
+    out = C._fill_tail(shape, tail, cap)
+    dropped = out[:, :4]
+    assert torch.isfinite(dropped).all() and (dropped <= cap).all()
+    assert torch.allclose(dropped.logsumexp(1, keepdim=True), tail, atol=1e-5)
+    assert torch.equal(dropped[1], torch.zeros(4))  # every entry at the cap
+    # row 0: the plain shift would lift the largest entry to 0.85 > 0.5: it is held at the cap and the
+    # other three, shifted up together, keep the shape among themselves
+    assert torch.equal(dropped[0] == cap[0], torch.tensor([False, True, False, False]))
+    assert torch.allclose(dropped[0, [0, 2]] - dropped[0, 3], torch.tensor([1.0, 3.0]), atol=1e-5)
+
+
 def test_tail_prior_keeps_the_mass_takes_the_priors_shape_and_cuts_the_error():
     c, k = 100, 10
     similarity = torch.randn(c, c, generator=torch.Generator().manual_seed(7)) * 1.5
