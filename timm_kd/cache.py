@@ -892,66 +892,65 @@ class _ArrowRows:
     """Fast row reads from a ``datasets.Dataset``'s memory-mapped Arrow table.
 
     ``ds[i]`` formats a row through several layers of ``datasets`` (~2.5 ms for a cache row, more than
-    decoding a small image); here numeric columns are read from zero-copy numpy views of each Arrow
-    chunk (made on first use, so the memory stays the page cache's) and bool/string columns as
-    pyarrow scalars: a few microseconds per row. Pickles as the dataset (by path), so DataLoader
-    workers rebuild their own views.
+    decoding a small image); here the table's record batches (zero-copy, every column chunked
+    alike) are located once per row, and their numeric columns read from zero-copy numpy views (made
+    on a batch's first use, so the memory stays the page cache's), bool/string columns as pyarrow
+    scalars: a few microseconds per row. Pickles as the dataset (by path), so DataLoader workers
+    rebuild their own views.
     """
 
     def __init__(self, dataset):
         if getattr(dataset, "_indices", None) is not None:
             raise ValueError("_ArrowRows reads table rows directly; flatten_indices() the dataset first")
         self.dataset = dataset
-        self._columns: dict[str, tuple[list, list[int]]] | None = None
-        self._views: dict[tuple[str, int], Any] = {}
+        self._batches: list | None = None
+        self._starts: list[int] = []
+        self._views: dict[int, dict[str, Any]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "_columns": None, "_views": {}}
+        return {"dataset": self.dataset, "_batches": None, "_starts": [], "_views": {}}
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _open(self) -> dict[str, tuple[list, list[int]]]:
-        import itertools
-
-        table = self.dataset.data.table
-        self._columns = {}
-        for name in table.column_names:
-            chunks = table.column(name).chunks
-            self._columns[name] = (chunks, list(itertools.accumulate((len(c) for c in chunks), initial=0)))
-        return self._columns
-
-    def _view(self, name: str, c: int, chunks: list):
+    def _batch_views(self, b: int) -> dict[str, Any]:
+        """Batch ``b``'s columns: numpy views (numbers, fixed-size lists of numbers) or Arrow arrays."""
         import pyarrow as pa
 
-        view = self._views.get((name, c))
-        if view is None:
-            chunk, kind = chunks[c], chunks[c].type
-            if pa.types.is_fixed_size_list(kind) and (
-                pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)
-            ):
-                view = chunk.flatten().to_numpy(zero_copy_only=True).reshape(-1, kind.list_size)
-            elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
-                view = chunk.to_numpy(zero_copy_only=True)
-            else:
-                view = chunk  # bool (bit-packed) and strings: per-row scalars
-            self._views[(name, c)] = view
-        return view
+        views = self._views.get(b)
+        if views is None:
+            views = {}
+            batch = self._batches[b]
+            for name, column in zip(batch.schema.names, batch.columns):
+                kind = column.type
+                if pa.types.is_fixed_size_list(kind) and (
+                    pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)
+                ):
+                    views[name] = column.flatten().to_numpy(zero_copy_only=True).reshape(-1, kind.list_size)
+                elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
+                    views[name] = column.to_numpy(zero_copy_only=True)
+                else:
+                    views[name] = column  # bool (bit-packed) and strings: per-row scalars
+            self._views[b] = views
+        return views
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         import bisect
+        import itertools
 
         import numpy as np
 
         if not 0 <= i < len(self.dataset):
             raise IndexError(f"row {i} out of range for {len(self.dataset)} rows")
-        out = {}
-        for name, (chunks, starts) in (self._columns or self._open()).items():
-            c = bisect.bisect_right(starts, i) - 1
-            view = self._view(name, c, chunks)
-            j = i - starts[c]
-            out[name] = np.array(view[j]) if isinstance(view, np.ndarray) else view[j].as_py()
-        return out
+        if self._batches is None:
+            self._batches = self.dataset.data.table.to_batches()
+            self._starts = list(itertools.accumulate((b.num_rows for b in self._batches), initial=0))
+        b = bisect.bisect_right(self._starts, i) - 1
+        j = i - self._starts[b]
+        return {
+            name: np.array(view[j]) if isinstance(view, np.ndarray) else view[j].as_py()
+            for name, view in self._batch_views(b).items()
+        }
 
 
 class TeacherCache:
