@@ -6,6 +6,7 @@ what matters (the absolute times depend on the machine and its load). Target: ev
 of ``F.cross_entropy``.
 
     python benchmarks/losses.py                       # B = 256, C = 1000, on CPU
+    python benchmarks/losses.py --threads 1 --compile # + each loss through create_loss(..., compile=True)
     python benchmarks/losses.py --batch-size 64 --num-classes 100 --repeats 50
 """
 from __future__ import annotations
@@ -40,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--losses", nargs="*", default=None, help="names to time (default: every registered loss)")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="also time each loss through create_loss(name, compile=True) (check_inputs=False, as the\n"
+        "engine's --compile-loss runs it); compile time is not timed, the ratio stays to eager\n"
+        "cross-entropy, and a compiled cross-entropy row is shown for reference",
+    )
     args = p.parse_args(argv)
     for name in ("batch_size", "num_classes", "repeats", "inner"):
         if getattr(args, name) < 1:
@@ -48,10 +55,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_candidates(
-    names: list[str], student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor
+    names: list[str],
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    compiled: bool = False,
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """``{label: fn}``, each fn returning the scalar to backpropagate."""
     cands: dict[str, Callable[[], torch.Tensor]] = {"cross_entropy": lambda: F.cross_entropy(student, target)}
+    if compiled:
+        ce = torch.compile(F.cross_entropy)
+        cands["cross_entropy (compiled)"] = lambda: ce(student, target)
     for name in names:
         for checks in (True, False):
             try:
@@ -62,6 +76,9 @@ def make_candidates(
                 loss_fn = create_loss(name)
             label = name if checks else f"{name} (check_inputs=False)"
             cands[label] = lambda f=loss_fn: f(student, teacher, target, epoch=EPOCH)["loss"]
+        if compiled:
+            loss_fn = create_loss(name, check_inputs=False, compile=True)
+            cands[f"{name} (compiled)"] = lambda f=loss_fn: f(student, teacher, target, epoch=EPOCH)["loss"]
     return cands
 
 
@@ -97,7 +114,14 @@ def main(argv: list[str] | None = None) -> str:
     teacher = torch.randn(b, c) * 3 + 2.0
     target = torch.randint(0, c, (b,))
     names = args.losses if args.losses else list_losses()
-    cands = make_candidates(names, student, teacher, target)
+    cands = make_candidates(names, student, teacher, target, compiled=args.compile)
+    if args.compile:  # compile outside the timing (the warm-up would, but one call each says how long)
+        for label, fn in cands.items():
+            if "compiled" in label:
+                t0 = time.perf_counter()
+                fn().backward()
+                print(f"compiled {label.split(' ')[0]} in {time.perf_counter() - t0:.1f} s", flush=True)
+        student.grad = None
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = time_candidates(cands, student, args.repeats, args.warmup, args.inner, clock)
     base = statistics.median(times["cross_entropy"])

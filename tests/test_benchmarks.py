@@ -47,3 +47,20 @@ def test_distill_step_help_names_the_targets(capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert "--quick" in text and "1.05" in text and "1.10" in text and "timm task" in text
+
+
+@pytest.mark.slow
+def test_losses_benchmark_times_eager_and_compiled_rows():
+    """benchmarks/losses.py with --compile: an eager, an unchecked and a compiled row per loss, as
+    ratios to the eager cross-entropy (tiny logits, two repeats: the table, not the numbers)."""
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "losses.py"), "--batch-size", "8", "--num-classes", "10",
+        "--repeats", "2", "--warmup", "1", "--threads", "1", "--losses", "dtkd", "--compile",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = ("cross_entropy", "cross_entropy (compiled)", "dtkd", "dtkd (check_inputs=False)")
+    rows += ("dtkd (compiled)",)
+    for row in rows:
+        pattern = rf"^\| {re.escape(row)} \| {NUM}+ \| {NUM}+ \| (yes|\*\*no\*\*) \|$"
+        assert re.search(pattern, res.stdout, re.M), (row, res.stdout)

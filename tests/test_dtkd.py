@@ -119,6 +119,23 @@ def test_limit_temperatures_sum_to_2T_and_equal_sharpness():
         torch.testing.assert_close(temp_t + temp_s, torch.full_like(temp_t, 8.0))
 
 
+@pytest.mark.parametrize("ratio", [4.0, None])
+def test_temperature_slope_is_the_autograd_derivative(ratio):
+    """``slope=True``'s closed form equals autograd through the guarded temperatures: inside the band,
+    where the clamp or the 1e-6 floor holds (slope 0), and at negative maxima."""
+    xs = torch.tensor([[2.0], [9.0], [0.05], [0.0], [-1.0], [5.0], [1e-7]], dtype=torch.float64)
+    xt = torch.tensor([[3.0], [4.0], [10.0], [10.0], [2.0], [-3.0], [1.0]], dtype=torch.float64)
+    leaf = xs.clone().requires_grad_(True)
+    temp_t, temp_s = dtkd_temperatures(leaf, xt, 4.0, ratio)
+    (auto_s,) = torch.autograd.grad(temp_s.sum(), leaf, retain_graph=True)
+    (auto_t,) = torch.autograd.grad(temp_t.sum(), leaf)
+    ref_t, ref_s, slope = dtkd_temperatures(xs, xt, 4.0, ratio, slope=True)
+    torch.testing.assert_close(slope, auto_s)
+    torch.testing.assert_close(-slope, auto_t)
+    torch.testing.assert_close((ref_t, ref_s), (temp_t.detach(), temp_s.detach()))
+    assert (slope[:2] > 0).all() and slope[3:5].eq(0).all()  # live in the band; floored maxima hold
+
+
 def test_limit_equal_maxima_give_plain_kd():
     """x_s = x_t: both temperatures are T, so L_DTKD = T^2 KL = KD_T."""
     s, t, _ = positive_max_batch(8, 12, seed=8)
@@ -351,7 +368,7 @@ def test_fused_objective_gradcheck_float64(max_temp_ratio, soft, clamped):
     t_max = t.amax(-1, keepdim=True)
 
     def objective(z):
-        temps = lambda xs: dtkd_temperatures(xs, t_max, 4.0, max_temp_ratio)  # noqa: E731
+        temps = lambda xs: dtkd_temperatures(xs, t_max, 4.0, max_temp_ratio, slope=True)  # noqa: E731
         return dtkd_objective(z, t, y, target, 4.0, 0.7, 0.5, 3.0, temps)[0]
 
     assert torch.autograd.gradcheck(objective, (s.requires_grad_(True),))
@@ -363,7 +380,7 @@ def test_fused_objective_matches_the_separate_terms():
     s, t, y = positive_max_batch(8, 30, seed=13)
     t_max = t.amax(-1, keepdim=True)
     loss, ce, kd, dtkd, temp_t, temp_s = dtkd_objective(
-        s, t, y, None, 4.0, 1.0, 1.0, 3.0, lambda xs: dtkd_temperatures(xs, t_max, 4.0)
+        s, t, y, None, 4.0, 1.0, 1.0, 3.0, lambda xs: dtkd_temperatures(xs, t_max, 4.0, slope=True)
     )
     term, ref_t, ref_s = ref_dtkd_terms(s, t, 4.0)
     assert dtkd.item() == pytest.approx(term.item(), abs=1e-10)

@@ -332,6 +332,24 @@ def test_worker_processes_train_exactly_like_the_main_process(tmp_path):
         torch.testing.assert_close(got.student.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
+def test_compiled_loss_trains_like_the_eager_loss(tmp_path):
+    """--compile-loss: the same run as the eager loss (DKD, whose warm-up changes the factor every
+    step), and the per-step epoch does not recompile it: one graph, plus one for the last, smaller
+    batch of an epoch at most."""
+    import torch._dynamo
+
+    kw = dict(method="dkd", epochs=2, max_train_steps=6, embedded_kwargs={"num_train": 40, "num_test": 16})
+    ref = engine.fit(_tiny(tmp_path / "a", **kw))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    got = engine.fit(_tiny(tmp_path / "b", compile_loss=True, **kw))
+    assert got.global_step == ref.global_step == 6
+    for a, b in zip(ref.summary["run"]["history"], got.summary["run"]["history"]):
+        assert a["train"] == pytest.approx(b["train"], rel=1e-4), (a, b)
+    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
 def test_ats_temperature_flip_warning_is_logged_once_and_names_the_fix():
     """ATS targets that rank a wrong class first where the teacher is right get one warning."""
     from types import SimpleNamespace

@@ -9,6 +9,7 @@ Create them by name with ``create_loss("ats", tau_correct=4.0, tau_wrong=2.0)``;
 entry-point group. Importing a method's module registers it: one file per method.
 """
 from ._base import DistillLoss, LossInputs, cross_entropy, kl_div, soft_cross_entropy
+from ._compile import CompiledLoss, compile_loss
 from ._registry import (
     ENTRY_POINT_GROUP,
     create_loss,
@@ -36,6 +37,7 @@ from .standardize import standardize_logits
 __all__ = [
     "ENTRY_POINT_GROUP",
     "ATSLoss",
+    "CompiledLoss",
     "DISTLoss",
     "DKDLoss",
     "DTKDLoss",
@@ -45,6 +47,7 @@ __all__ = [
     "LSKDLoss",
     "LossInputs",
     "ats_target_probs",
+    "compile_loss",
     "create_loss",
     "cross_entropy",
     "get_loss_entrypoint",

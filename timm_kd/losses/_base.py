@@ -30,6 +30,7 @@ __all__ = [
     "DistillLoss",
     "LossInputs",
     "check_positive",
+    "check_epoch",
     "check_non_negative",
     "cross_entropy",
     "soft_cross_entropy",
@@ -102,8 +103,22 @@ def kl_div(log_p: torch.Tensor, log_q: torch.Tensor, reduce: bool = True) -> tor
     return kl.mean() if reduce else kl
 
 
-def warmup_factor(epoch: float | None, warmup_epochs: float, loss: str) -> float:
-    """``min(epoch / warmup_epochs, 1)``; 1 without warm-up. ``epoch`` is 1-based."""
+def check_epoch(epoch: float, loss: str) -> float:
+    """``epoch`` as a float if it is finite and >= 0, else a ValueError naming the loss."""
+    epoch = float(epoch)
+    if not math.isfinite(epoch) or epoch < 0:
+        raise ValueError(f"{loss}: epoch must be a finite number >= 0 (1-based), got {epoch!r}")
+    return epoch
+
+
+def warmup_factor(
+    epoch: float | torch.Tensor | None, warmup_epochs: float, loss: str
+) -> float | torch.Tensor:
+    """``min(epoch / warmup_epochs, 1)``; 1 without warm-up. ``epoch`` is 1-based.
+
+    A 0-d tensor ``epoch`` (what ``compile_loss`` passes, already checked) gives a 0-d tensor, so a
+    compiled loss computes the factor in its graph instead of specializing on each epoch's value.
+    """
     if warmup_epochs <= 0:
         return 1.0
     if epoch is None:
@@ -112,10 +127,9 @@ def warmup_factor(epoch: float | None, warmup_epochs: float, loss: str) -> float
             f"call it as loss_fn(student_logits, teacher_logits, target, epoch=epoch) with a 1-based "
             f"epoch (fractions allowed), or create it with warmup_epochs=0."
         )
-    epoch = float(epoch)
-    if not math.isfinite(epoch) or epoch < 0:
-        raise ValueError(f"{loss}: epoch must be a finite number >= 0 (1-based), got {epoch!r}")
-    return min(epoch / warmup_epochs, 1.0)
+    if torch.is_tensor(epoch):
+        return (epoch / warmup_epochs).clamp(max=1.0)
+    return min(check_epoch(epoch, loss) / warmup_epochs, 1.0)
 
 
 def _value_stats(

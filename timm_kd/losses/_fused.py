@@ -38,7 +38,10 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["dtkd_objective", "soft_target_objective", "tempered_kl", "tempered_target"]
+__all__ = [
+    "add_at_", "dtkd_objective", "is_compiling", "row_combine", "row_dot", "row_dots",
+    "soft_target_objective", "tempered_kl", "tempered_target",
+]
 
 
 def _shift(z: torch.Tensor) -> torch.Tensor:
@@ -61,21 +64,69 @@ def _tempered_exp(d: torch.Tensor, temp: float | torch.Tensor) -> tuple[torch.Te
     return e, e.sum(dim=1, keepdim=True)
 
 
+#: whether the code runs inside ``torch.compile``'s trace (``torch.compiler.is_compiling`` from torch
+#: 2.3; Dynamo's own before). Where a fused Function's best eager form (batched matmuls, writes into
+#: slices of one buffer, in-place scatters) is slow or copies whole tensors in a compiled graph, it
+#: takes the plain form there: the same values, laid out for Inductor's loop over rows.
+is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
 def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row dot products ``[B, 1]``, as a batched ``[1, C] x [C, 1]`` matmul that reads both once and
     writes no ``[B, C]`` product (about half of ``torch.linalg.vecdot``'s time on ``[256, 1000]``
     float32; the right operand is passed as a transposed row, which takes BLAS's fast path: as a
-    ``[B, C, 1]`` column the same product takes ten times as long)."""
+    ``[B, C, 1]`` column the same product takes ten times as long). Under ``torch.compile``, a
+    product and a row sum (see ``row_dots``)."""
+    if is_compiling():
+        return (a * b).sum(dim=1, keepdim=True)
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(1).transpose(1, 2)).view(a.shape[0], 1)
 
 
+def row_dots(lhs: torch.Tensor, rhs: torch.Tensor, unused: tuple[tuple[int, int], ...] = ()) -> torch.Tensor:
+    """``[B, k, j]``: every row dot product ``<lhs[i, b], rhs[l, b]>`` of stacked ``[k, B, C]`` and
+    ``[j, B, C]`` tensors. Eager: one batched matmul that reads each operand once. Under
+    ``torch.compile``: products and row sums, which Inductor fuses into one loop per row (it keeps a
+    matmul as a library call, and the per-row loop is what compiling is for); the ``(i, l)`` pairs
+    in ``unused`` are left out there (zeros), as each costs a multiply-add per element."""
+    if is_compiling():  # lhs, rhs may also be sequences of [B, C] tensors there
+        zero = lhs[0].new_zeros(lhs[0].shape[0])
+
+        def dot(i: int, j: int) -> torch.Tensor:
+            return zero if (i, j) in unused else (lhs[i] * rhs[j]).sum(dim=-1)
+
+        rows = [torch.stack([dot(i, j) for j in range(len(rhs))], dim=-1) for i in range(len(lhs))]
+        return torch.stack(rows, dim=1)
+    return torch.bmm(lhs.transpose(0, 1), rhs.permute(1, 2, 0))
+
+
+def row_combine(coef: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``[B, C]``: ``sum_i coef[b, i] * rows[i, b]`` for ``coef [B, k]`` and stacked ``rows [k, B, C]``.
+    Eager: one batched ``[1, k] x [k, C]`` matmul per row (one read of each row instead of k
+    multiply-adds); under ``torch.compile``, the multiply-adds, fused."""
+    if is_compiling():
+        out = coef[:, 0:1] * rows[0]
+        for i in range(1, len(rows)):
+            out = out + coef[:, i : i + 1] * rows[i]
+        return out
+    return torch.bmm(coef.unsqueeze(1), rows.transpose(0, 1)).view(coef.shape[0], -1)
+
+
+def add_at_(out: torch.Tensor, idx: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``out[b, idx[b]] += value[b]`` for ``idx``, ``value`` of shape ``[B, 1]``: in place eager; under
+    ``torch.compile`` a comparison with the column index, which fuses into the loop that writes ``out``
+    (a scatter there copies the whole tensor)."""
+    if is_compiling():
+        cols = torch.arange(out.shape[1], device=out.device)
+        return out + torch.where(cols == idx, value, 0.0)
+    return out.scatter_add_(1, idx, value)
+
+
 def ce_target_grad_(grad: torch.Tensor, idx: torch.Tensor, soft: torch.Tensor | None, coef: torch.Tensor):
-    """``grad -= coef * target`` in place (``onehot(y)`` or the soft target); ``coef`` is a scalar tensor."""
+    """``grad - coef * target`` (``onehot(y)`` or the soft target), in place eager (use the returned
+    tensor: compiled, it is a new one); ``coef`` is a scalar tensor."""
     if soft is None:
-        grad.scatter_add_(1, idx, (-coef).expand(grad.shape[0], 1))
-    else:
-        grad.addcmul_(soft, -coef)
-    return grad
+        return add_at_(grad, idx, (-coef).expand(grad.shape[0], 1))
+    return grad.addcmul_(soft, -coef)
 
 
 def _row_std(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,52 +335,64 @@ def tempered_kl(
     return _TemperedKL.apply(student_logits, teacher_logits.detach(), temp_student, temp_teacher)
 
 
+def _dtkd_rows(x, t, xs, tt, ts, tau):
+    """``_DTKDObjective``'s rows as separate tensors, for ``torch.compile``: ``left`` = the five exps
+    ``exp(d), exp(d/T), exp(d/T_s), exp(du/T), exp(du/T_t)`` and ``exp(du/T_t) du``, ``right`` =
+    ``d, du, 1``. Eager code writes the same values into two stacked buffers; in a compiled graph,
+    writes into slices of one buffer become whole-buffer copies, while fresh tensors fuse into
+    Inductor's loop over rows."""
+    d, du = x - xs, t - t.amax(dim=1, keepdim=True)
+    f_d = (du / tt).exp()
+    left = (d.exp(), (d / tau).exp(), (d / ts).exp(), (du / tau).exp(), f_d, f_d * du)
+    return left, (d, du, torch.ones_like(d))
+
+
 class _DTKDObjective(torch.autograd.Function):
     """DTKD's whole objective in one pass over the logits, with a closed-form backward.
 
     ``w_ce * mean_b CE_b + w_kd * T^2 * mean_b KL_T,b + w_dt * mean_b T_t T_s KL_D,b`` with
     ``KL_T = KL(softmax(t / T) || softmax(x / T))``, ``KL_D = KL(softmax(t / T_t) || softmax(x / T_s))``
-    and ``(T_t, T_s) = temps_fn(max_k x_k)`` (``dtkd_temperatures``: differentiable in the student
-    maximum, which is where the not-detached temperatures send their gradient). With ``L = T_t T_s KL_D``
-    and the module docstring's temperature derivatives::
+    and ``(T_t, T_s)`` functions of the student maximum ``x_s = max_k x_k`` (``dtkd_temperatures``,
+    which also gives their slope ``dT_s/dx_s = -dT_t/dx_s``: the not-detached temperatures send their
+    gradient there). With ``L = T_t T_s KL_D`` and the module docstring's temperature derivatives::
 
         dL/dx   = T_t (q_D - p_D)                                       (temperatures held)
         dL/dT_s = T_t KL_D + T_t T_s dKL/dT_s,    dL/dT_t = T_s KL_D + T_t T_s dKL/dT_t
-        dL/dx_s = dL/dT_s dT_s/dx_s + dL/dT_t dT_t/dx_s      (to the first argmax, as torch.max)
+        dL/dx_s = (dL/dT_s - dL/dT_t) dT_s/dx_s                 (to the first argmax, as torch.max)
 
-    ``dT/dx_s`` is taken by autograd through ``temps_fn`` on ``[B, 1]`` tensors, so the guard is
-    written once (``dtkd.py``). One softmax pass per temperature and student/teacher side, shared
-    shifted logits, and no ``[B, C]`` log-probabilities: every row sum and dot product comes from one
-    batched matmul, and the backward's five-term combination from one batched ``[1, 5] x [5, C]``
-    product per row.
+    One softmax pass per temperature and student/teacher side, shared shifted logits, and no
+    ``[B, C]`` log-probabilities: every row sum and dot product comes from one batched matmul, and the
+    backward's five-term combination from one batched ``[1, 5] x [5, C]`` product per row. No nested
+    autograd, so ``torch.compile`` traces it whole (``compile_loss``).
     """
 
     @staticmethod
-    def forward(ctx, x, t, idx, soft, tau, w_ce, w_kd, w_dt, temps_fn):
+    def forward(ctx, x, t, idx, soft, tau, w_ce, w_kd, w_dt, xs, arg, tt, ts, slope):
         n, c = x.shape
-        xs, arg = x.max(dim=1, keepdim=True)
-        with torch.enable_grad():
-            xs_leaf = xs.detach().requires_grad_(True)
-            temp_t, temp_s = temps_fn(xs_leaf)
-        tt, ts = temp_t.detach(), temp_s.detach()
         # rows of `right`: d = x - max x, du = t - max t, ones; rows of `left`: the five exps and
         # w = exp(du / T_t) * du. One batched matmul then gives every row sum and dot product.
         # [k, B, C] buffers: contiguous halves keep the elementwise writes fast (a strided
         # [B, k, C] slice takes about twice as long), the matmul reads them transposed
-        right = x.new_empty(3, n, c)
-        d, du = right[0], right[1]
-        torch.sub(x, xs, out=d)
-        torch.sub(t, t.amax(dim=1, keepdim=True), out=du)
-        right[2].fill_(1.0)
-        left = x.new_empty(6, n, c)
-        e1, e_k, e_d, f_k, f_d, w = left.unbind(0)
-        torch.exp(d, out=e1)
-        torch.mul(d, 1.0 / tau, out=e_k).exp_()
-        torch.div(d, ts, out=e_d).exp_()
-        torch.mul(du, 1.0 / tau, out=f_k).exp_()
-        torch.div(du, tt, out=f_d).exp_()
-        torch.mul(f_d, du, out=w)
-        m = torch.bmm(left.transpose(0, 1), right.permute(1, 2, 0))  # [B, 6, 3]: <., d>, <., du>, sum(.)
+        compiling = is_compiling()
+        if compiling:  # fresh tensors, see _dtkd_rows
+            left, right = _dtkd_rows(x, t, xs, tt, ts, tau)
+            d = right[0]
+        else:
+            right = x.new_empty(3, n, c)
+            d, du = right[0], right[1]
+            torch.sub(x, xs, out=d)
+            torch.sub(t, t.amax(dim=1, keepdim=True), out=du)
+            right[2].fill_(1.0)
+            left = x.new_empty(6, n, c)
+            e1, e_k, e_d, f_k, f_d, w = left.unbind(0)
+            torch.exp(d, out=e1)
+            torch.mul(d, 1.0 / tau, out=e_k).exp_()
+            torch.div(d, ts, out=e_d).exp_()
+            torch.mul(du, 1.0 / tau, out=f_k).exp_()
+            torch.div(du, tt, out=f_d).exp_()
+            torch.mul(f_d, du, out=w)
+        # [B, 6, 3]: <., d>, <., du>, sum(.); the six pairs not read below are skipped when compiled
+        m = row_dots(left, right, unused=((0, 0), (0, 1), (1, 0), (1, 1), (2, 1), (5, 2)))
         s1, s_k, s_d, z_k, z_d = (m[:, i, 2:3] for i in range(5))
         if soft is None:
             sigma_t, ce = None, s1.log() - d.gather(1, idx)
@@ -343,22 +406,31 @@ class _DTKDObjective(torch.autograd.Function):
         q_d = m[:, 2, 0:1] / s_d  # <q_D, d>
         kl_k = (pk_du - pk_d) / tau - z_k.log() + s_k.log()
         kl_d = pd_du / tt - z_d.log() - pd_d / ts + s_d.log()
-        # dL/dT_s and dL/dT_t of L = T_t T_s KL_D
+        # dL/dx_s of L = T_t T_s KL_D through both temperatures: (dL/dT_s - dL/dT_t) dT_s/dx_s
         dl_ds = tt * kl_d - tt * (q_d - pd_d) / ts
         dl_dt = ts * kl_d - ts * (var / tt - cov / ts) / tt
+        dl_dxs = (dl_ds - dl_dt) * slope
         ce, kd, dt = ce.mean(), kl_k.mean() * tau**2, (tt * ts * kl_d).mean()
-        ctx.save_for_backward(left, s1, s_k, s_d, z_k, z_d, idx, soft, sigma_t, arg, tt, dl_ds, dl_dt)
-        ctx.graph = (xs_leaf, temp_t, temp_s)
-        ctx.consts = (tau, w_ce, w_kd, w_dt, n)
-        outs = (ce, kd, dt, tt.squeeze(1), ts.squeeze(1))
+        # compiled: keep the logits and form the exps again in the backward's loop (cheaper there
+        # than writing six [B, C] tensors and reading them back); eager: keep the exps
+        rows = (x, t, xs, ts) if compiling else (left,)
+        ctx.save_for_backward(s1, s_k, s_d, z_k, z_d, idx, soft, sigma_t, arg, tt, dl_dxs, *rows)
+        ctx.consts = (tau, w_ce, w_kd, w_dt)  # not n: a constant there would pin a compiled batch size
+        outs = (ce, kd, dt)
         ctx.mark_non_differentiable(*outs)
         return (w_ce * ce + w_kd * kd + w_dt * dt, *outs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad, *_unused):
-        left, s1, s_k, s_d, z_k, z_d, idx, soft, sigma_t, arg, tt, dl_ds, dl_dt = ctx.saved_tensors
-        tau, w_ce, w_kd, w_dt, n = ctx.consts
+        s1, s_k, s_d, z_k, z_d, idx, soft, sigma_t, arg, tt, dl_dxs, *rows = ctx.saved_tensors
+        tau, w_ce, w_kd, w_dt = ctx.consts
+        if len(rows) == 1:
+            left = rows[0]
+        else:
+            x, t, xs, ts = rows
+            left = _dtkd_rows(x, t, xs, tt, ts, tau)[0]
+        n = s1.shape[0]
         g = grad / n
         c_ce = g * w_ce
         c_q1 = c_ce if sigma_t is None else c_ce * sigma_t
@@ -366,18 +438,11 @@ class _DTKDObjective(torch.autograd.Function):
         c_d = g * w_dt * tt  # dL/dx = T_t (q_D - p_D)
         # e1 c_q1 / s1 + e_k c_k / s_k + e_d c_d / s_d - f_k c_k / z_k - f_d c_d / z_d, as one batched
         # [1, 5] x [5, C] product per row (one read of each exp instead of five multiply-adds)
-        coef = torch.cat([c_q1 / s1, c_k / s_k, c_d / s_d, -c_k / z_k, -c_d / z_d], dim=1).unsqueeze(1)
-        out = torch.bmm(coef, left[:5].transpose(0, 1)).view(n, -1)
-        xs_leaf, temp_t, temp_s = ctx.graph
-        if temp_t.requires_grad or temp_s.requires_grad:
-            parts = [(v, c) for v, c in ((temp_t, dl_dt), (temp_s, dl_ds)) if v.requires_grad]
-            (g_xs,) = torch.autograd.grad(
-                [v for v, _ in parts], xs_leaf, [c * (g * w_dt) for _, c in parts], retain_graph=True,
-                allow_unused=True,
-            )
-            if g_xs is not None:
-                out.scatter_add_(1, arg, g_xs)
-        return ce_target_grad_(out, idx, soft, c_ce), None, None, None, None, None, None, None, None
+        coef = torch.cat([c_q1 / s1, c_k / s_k, c_d / s_d, -c_k / z_k, -c_d / z_d], dim=1)
+        out = row_combine(coef, left[:5])
+        out = add_at_(out, arg, dl_dxs * (g * w_dt))
+        grads = (ce_target_grad_(out, idx, soft, c_ce),) + (None,) * 12
+        return grads
 
 
 def dtkd_objective(
@@ -387,14 +452,25 @@ def dtkd_objective(
     soft_target: torch.Tensor | None,
     tau: float,
     ce_weight: float,
-    kd_weight: float,
-    dtkd_weight: float,
+    kd_weight: float | torch.Tensor,
+    dtkd_weight: float | torch.Tensor,
     temps_fn,
 ) -> tuple[torch.Tensor, ...]:
     """``(loss, ce, kd, dtkd, T_t, T_s)`` of ``_DTKDObjective``: ``ce_weight * CE + kd_weight * KD_T +
     dtkd_weight * L_DTKD``; ``T_t``, ``T_s`` are ``[B]``, the rest scalars (all but ``loss`` detached).
-    ``temps_fn(student_max [B, 1]) -> (T_t, T_s)`` holds the temperature rule and its guard."""
-    return _DTKDObjective.apply(
+    ``temps_fn(student_max [B, 1]) -> (T_t, T_s, dT_s/dx_s)`` holds the temperature rule, its guard
+    and its slope (``dtkd_temperatures(..., slope=True)``)."""
+    x = student_logits.detach()
+    if is_compiling():  # the first argmax as a min reduction, fused with the max's loop (an
+        # index-tracking max compiles to a slower loop of its own)
+        xs = x.amax(dim=1, keepdim=True)
+        cols = torch.arange(x.shape[1], device=x.device)
+        arg = torch.where(x == xs, cols, x.shape[1]).amin(dim=1, keepdim=True)
+    else:
+        xs, arg = x.max(dim=1, keepdim=True)
+    tt, ts, slope = temps_fn(xs)
+    loss, ce, kd, dt = _DTKDObjective.apply(
         student_logits, teacher_logits.detach(), labels.unsqueeze(1), soft_target,
-        float(tau), float(ce_weight), float(kd_weight), float(dtkd_weight), temps_fn,
+        float(tau), float(ce_weight), kd_weight, dtkd_weight, xs, arg, tt, ts, slope,
     )
+    return loss, ce, kd, dt, tt.squeeze(1), ts.squeeze(1)

@@ -132,6 +132,15 @@ def get_loss_entrypoint(name: str) -> Callable[..., Any]:
     )
 
 
-def create_loss(name: str, **kwargs: Any) -> Any:
-    """Create a registered loss by name: ``create_loss("ats", tau_correct=4.0, tau_wrong=2.0)``."""
-    return get_loss_entrypoint(name)(**kwargs)
+def create_loss(name: str, *, compile: bool | dict[str, Any] = False, **kwargs: Any) -> Any:
+    """Create a registered loss by name: ``create_loss("ats", tau_correct=4.0, tau_wrong=2.0)``.
+
+    ``compile=True`` (or a dict of ``torch.compile`` keyword arguments) returns it wrapped by
+    ``compile_loss``: compiled once, whatever the epoch (``_compile.py``).
+    """
+    loss_fn = get_loss_entrypoint(name)(**kwargs)
+    if compile:
+        from ._compile import compile_loss
+
+        return compile_loss(loss_fn, **(compile if isinstance(compile, dict) else {}))
+    return loss_fn

@@ -22,7 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._base import DistillLoss, check_non_negative, check_positive, cross_entropy
-from ._fused import ce_target_grad_, row_dot
+from ._fused import ce_target_grad_, is_compiling, row_dot, row_dots
 from ._registry import register_loss
 
 __all__ = ["DISTLoss", "dist_terms", "pearson_correlation"]
@@ -81,15 +81,21 @@ class _DISTRelations(torch.autograd.Function):
             y_s = log_y.exp_()
         y_t = torch.softmax(v, dim=-1)
         n, c = y_s.shape
-        buf = y_s.new_empty(2, n, c)  # contiguous halves: elementwise writes stay fast
+        # eager: two contiguous halves of one buffer (elementwise writes stay fast, one matmul reads
+        # both); compiled: fresh tensors (writes into slices of a buffer become whole-buffer copies)
+        buf = None if is_compiling() else y_s.new_empty(2, n, c)
         # the rows of a softmax sum to 1: their mean is 1 / C, no reduction needed
-        torch.sub(y_s, 1.0 / c, out=buf[0])
-        torch.sub(y_t, 1.0 / c, out=buf[1])
-        rows = buf.transpose(0, 1)
-        m = torch.bmm(rows, rows.transpose(1, 2))  # [B, 2, 2]: the row dot products
+        rows = (y_s - 1.0 / c, y_t - 1.0 / c) if buf is None else buf
+        if buf is not None:
+            torch.sub(y_s, 1.0 / c, out=buf[0])
+            torch.sub(y_t, 1.0 / c, out=buf[1])
+        m = row_dots(rows, rows)  # [B, 2, 2]: the row dot products
         rho_r, cb_r, ca_r = _pearson_parts(m[:, 0, 0:1], m[:, 1, 1:2], m[:, 0, 1:2])
         mu_s, mu_t = y_s.mean(0, keepdim=True), y_t.mean(0, keepdim=True)
-        a_c, b_c = torch.sub(y_s, mu_s, out=buf[0]), torch.sub(y_t, mu_t, out=buf[1])
+        if buf is None:
+            a_c, b_c = y_s - mu_s, y_t - mu_t
+        else:
+            a_c, b_c = torch.sub(y_s, mu_s, out=buf[0]), torch.sub(y_t, mu_t, out=buf[1])
         # column dot products as a product and a column sum each (``vecdot(dim=0)`` takes 3x as long);
         # the squares in place: the centred copies are not needed afterwards
         ab = torch.mul(a_c, b_c).sum(0, keepdim=True)
@@ -116,7 +122,7 @@ class _DISTRelations(torch.autograd.Function):
             shift = shift - (c_ce if sigma_t is None else c_ce * sigma_t)
         g = g.sub_(shift).mul_(y_s)
         if idx is not None:
-            ce_target_grad_(g, idx, soft, c_ce)
+            g = ce_target_grad_(g, idx, soft, c_ce)
         return g, None, None, None
 
 

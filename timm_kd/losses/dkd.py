@@ -125,7 +125,7 @@ class _DecoupledKL(torch.autograd.Function):
         if e1 is not None:  # + dCE/dx = sigma softmax(x) - target
             g_ce = (grad * w_ce + grad_ce) / n
             out.addcmul_(e1, (g_ce if sigma is None else g_ce * sigma) / s1)
-            ce_target_grad_(out, idx, soft, g_ce)
+            out = ce_target_grad_(out, idx, soft, g_ce)
         return out, None, None, None, None, None, None, None, None
 
 
@@ -220,5 +220,5 @@ class DKDLoss(DistillLoss):
             "ce": ce.detach(),
             "tckd": tckd.detach(),
             "nckd": nckd.detach(),
-            "warmup": torch.tensor(warmup, device=loss.device),
+            "warmup": torch.as_tensor(warmup, device=loss.device),
         }

@@ -63,18 +63,34 @@ def dtkd_temperatures(
     teacher_max: torch.Tensor,
     tau: float,
     max_temp_ratio: float | None = 4.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    slope: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Per-sample ``(T_t, T_s)`` from the maximum logits, guarded as described in the module docstring.
 
     ``T_s = 2 tau s``, ``T_t = 2 tau (1 - s)`` with ``s = x_s / (x_t + x_s)`` (maxima floored at 1e-6;
     ``s`` clamped to ``[1 / (1 + r), r / (1 + r)]`` unless ``max_temp_ratio`` is None).
+
+    With ``slope=True`` also ``dT_s / dx_s`` (and ``dT_t / dx_s = -dT_s / dx_s``), the derivative
+    autograd takes through the same expression::
+
+        dT_s/dx_s = 2 tau x_t / (x_t + x_s)^2      where x_s >= 1e-6 and the clamp on s is inactive
+                  = 0                              elsewhere (floor or clamp hold the value)
+
+    so a fused objective can send the temperature gradient to the student maximum without a nested
+    autograd call (which ``torch.compile`` cannot trace).
     """
     xs = student_max.clamp(min=_MAX_LOGIT_FLOOR)
     xt = teacher_max.clamp(min=_MAX_LOGIT_FLOOR)
     share = xs / (xt + xs)
+    live = student_max >= _MAX_LOGIT_FLOOR  # where clamp(min=) passes the gradient
     if max_temp_ratio is not None:
-        share = share.clamp(1.0 / (1.0 + max_temp_ratio), max_temp_ratio / (1.0 + max_temp_ratio))
-    return 2.0 * tau * (1.0 - share), 2.0 * tau * share
+        lo, hi = 1.0 / (1.0 + max_temp_ratio), max_temp_ratio / (1.0 + max_temp_ratio)
+        live = live & (share >= lo) & (share <= hi)
+        share = share.clamp(lo, hi)
+    temps = (2.0 * tau * (1.0 - share), 2.0 * tau * share)
+    if not slope:
+        return temps
+    return (*temps, torch.where(live, 2.0 * tau * xt / (xt + xs) ** 2, 0.0))
 
 
 def dtkd_term(
@@ -169,11 +185,11 @@ class DTKDLoss(DistillLoss):
                 loss, ce, kd, dtkd, t_t, t_s = dtkd_objective(
                     x.student, x.teacher, x.labels, soft, self.tau, self.ce_weight, warmup * self.kd_weight,
                     warmup * self.dtkd_weight,
-                    lambda xs: dtkd_temperatures(xs, t_max, self.tau, self.max_temp_ratio),
+                    lambda xs: dtkd_temperatures(xs, t_max, self.tau, self.max_temp_ratio, slope=True),
                 )
                 return {
                     "loss": loss, "ce": ce, "dtkd": dtkd, "kd": kd,
-                    "warmup": torch.tensor(warmup, device=loss.device),
+                    "warmup": torch.as_tensor(warmup, device=loss.device),
                     "temp_teacher": t_t.mean(), "temp_student": t_s.mean(),
                 }
             zs, zt = x.student, x.teacher
@@ -193,7 +209,7 @@ class DTKDLoss(DistillLoss):
             "ce": ce,
             "dtkd": dtkd.detach(),
             "kd": kd,
-            "warmup": torch.tensor(warmup, device=loss.device),
+            "warmup": torch.as_tensor(warmup, device=loss.device),
             "temp_teacher": t_t.detach().mean(),
             "temp_student": t_s.detach().mean(),
         }

@@ -1,0 +1,75 @@
+"""``torch.compile`` for losses: one compiled graph per target kind, whatever the epoch.
+
+Every registered loss traces whole (``fullgraph=True``): no host syncs, no nested autograd, no
+data-dependent Python branches. What ``compile_loss`` adds to a plain ``torch.compile(loss_fn)`` is
+the epoch: Dynamo specializes on a Python float argument, so a fractional ``epoch`` that changes
+every step would recompile the loss each step until the recompile limit, after which it silently runs
+eagerly. ``CompiledLoss`` checks the epoch in Python and passes it to a ``DistillLoss`` as a 0-d
+tensor on the logits' device; ``warmup_factor`` then computes the warm-up in the graph.
+
+What it buys (``python benchmarks/losses.py --compile``, docs/losses.md#speed): the fused
+Functions' passes over ``[B, C]`` become per-row loops that keep each row in cache, so the extra
+cost of a multi-temperature loss over cross-entropy shrinks. The first call compiles (seconds, cached
+on disk by Inductor); a second batch shape compiles once more, with a dynamic batch size.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ._base import DistillLoss, check_epoch
+
+__all__ = ["CompiledLoss", "compile_loss"]
+
+
+class CompiledLoss(nn.Module):
+    """A loss and its ``torch.compile``-d forward; same calling convention, same outputs.
+
+    ``loss_fn`` stays a submodule (``.to()``, ``state_dict`` and ``repr`` see the original); calls go
+    through the compiled function. Attributes not found here are looked up on ``loss_fn``.
+    """
+
+    def __init__(self, loss_fn: Any, **compile_kwargs: Any):
+        super().__init__()
+        self.loss_fn = loss_fn
+        fn = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn
+        # the compiled callable is kept out of the module tree (it is not state)
+        self.__dict__["_compiled"] = torch.compile(fn, **compile_kwargs)
+        # only our losses take the epoch as a tensor (``warmup_factor``); a plug-in gets what it gets
+        self._epoch_as_tensor = isinstance(loss_fn, DistillLoss)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.loss_fn, "name", type(self.loss_fn).__name__)
+
+    def __getattr__(self, item: str) -> Any:
+        try:
+            return super().__getattr__(item)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["loss_fn"], item)
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        epoch: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if epoch is not None and self._epoch_as_tensor:
+            epoch = torch.tensor(
+                check_epoch(epoch, self.name), dtype=torch.float32, device=student_logits.device
+            )
+        return self._compiled(student_logits, teacher_logits, target, epoch=epoch)
+
+
+def compile_loss(loss_fn: Any, **compile_kwargs: Any) -> CompiledLoss:
+    """``torch.compile`` a loss (any object of the calling convention) so that the epoch does not
+    recompile it. ``compile_kwargs`` go to ``torch.compile`` (``mode``, ``fullgraph``, ``backend``...).
+
+    ``create_loss(name, compile=True)`` is the same as ``compile_loss(create_loss(name))``; the engine's
+    ``--compile-loss`` uses it. Needs what ``torch.compile`` needs: a C++ compiler on CPU, Triton on GPU.
+    """
+    return CompiledLoss(loss_fn, **compile_kwargs)
