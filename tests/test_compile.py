@@ -69,5 +69,6 @@ def test_compiled_loss_keeps_the_eager_errors():
         seen.append(epoch)
         return {"loss": student_logits.sum() * 0.0}
 
-    compile_loss(plain)(s, t, y, epoch=2.5)
-    assert seen == [2.5]
+    wrapped = compile_loss(plain)
+    wrapped(s, t, y, epoch=2.5)
+    assert seen == [2.5] and wrapped.name == "plain" and not hasattr(wrapped, "beta")

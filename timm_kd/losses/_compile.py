@@ -42,13 +42,18 @@ class CompiledLoss(nn.Module):
 
     @property
     def name(self) -> str:
-        return getattr(self.loss_fn, "name", type(self.loss_fn).__name__)
+        fn = self.loss_fn
+        return getattr(fn, "name", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
     def __getattr__(self, item: str) -> Any:
         try:
             return super().__getattr__(item)
         except AttributeError:
-            return getattr(self.__dict__["_modules"]["loss_fn"], item)
+            # a module loss lives in _modules, a plain callable in __dict__
+            inner = self.__dict__.get("_modules", {}).get("loss_fn", self.__dict__.get("loss_fn"))
+            if inner is None:
+                raise
+            return getattr(inner, item)
 
     def forward(
         self,
