@@ -4,6 +4,7 @@ Imported by the scripts in this folder (``python benchmarks/x.py`` puts the fold
 """
 from __future__ import annotations
 
+import random
 import re
 import sys
 import time
@@ -23,15 +24,19 @@ def interleaved_times(
 ) -> dict[str, list[float]]:
     """Seconds per call of each step, ``repeats`` samples each after ``warmup`` untimed rounds.
 
-    Every round calls every step once, in an order rotated by one each round, so no step always
-    runs first or right after another; ratios between steps taken this way share the machine's
-    load. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read. ``progress``
-    prints ``"{progress}round r/n"`` to stderr.
+    Every round calls every step once, in an order shuffled each round (seeded: the same runs give
+    the same orders), so no step always runs first or right after the same other step (a step's
+    cost depends on what its predecessor left in the caches; rotating one fixed order kept each
+    step's predecessor); ratios between steps taken this way share the machine's load. ``sync``
+    (e.g. ``torch.cuda.synchronize``) runs before each clock read. ``progress`` prints
+    ``"{progress}round r/n"`` to stderr.
     """
     order = list(steps)
     times: dict[str, list[float]] = {k: [] for k in order}
     total = warmup + repeats
+    rng = random.Random(0)
     for r in range(total):
+        rng.shuffle(order)
         for name in order:
             if sync is not None:
                 sync()
@@ -42,7 +47,6 @@ def interleaved_times(
             dt = clock() - t0
             if r >= warmup:
                 times[name].append(dt)
-        order = order[1:] + order[:1]
         if progress is not None:
             print(f"\r{progress}round {r + 1}/{total}   ", end="", file=sys.stderr, flush=True)
     if progress is not None:
