@@ -1756,7 +1756,9 @@ def fit(
     state = run.state
     n_params = sum(p.numel() for p in accelerator.unwrap_model(run.student).parameters()) / 1e6
     how = (
-        f"with {config.method} from {config.teacher}" if run.wrapper is not None else "alone (cross-entropy)"
+        f"with {config.method}{' (compiled)' if config.compile_loss else ''} from {config.teacher}"
+        if run.wrapper is not None
+        else "alone (cross-entropy)"
     )
     run.log(
         f"training {config.student} ({n_params:.2f}M params) {how}: {accelerator.num_processes} "
