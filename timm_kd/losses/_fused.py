@@ -441,8 +441,7 @@ class _DTKDObjective(torch.autograd.Function):
         coef = torch.cat([c_q1 / s1, c_k / s_k, c_d / s_d, -c_k / z_k, -c_d / z_d], dim=1)
         out = row_combine(coef, left[:5])
         out = add_at_(out, arg, dl_dxs * (g * w_dt))
-        grads = (ce_target_grad_(out, idx, soft, c_ce),) + (None,) * 12
-        return grads
+        return (ce_target_grad_(out, idx, soft, c_ce),) + (None,) * 12
 
 
 def dtkd_objective(

@@ -83,10 +83,12 @@ class _DISTRelations(torch.autograd.Function):
         n, c = y_s.shape
         # eager: two contiguous halves of one buffer (elementwise writes stay fast, one matmul reads
         # both); compiled: fresh tensors (writes into slices of a buffer become whole-buffer copies)
-        buf = None if is_compiling() else y_s.new_empty(2, n, c)
         # the rows of a softmax sum to 1: their mean is 1 / C, no reduction needed
-        rows = (y_s - 1.0 / c, y_t - 1.0 / c) if buf is None else buf
-        if buf is not None:
+        buf = None if is_compiling() else y_s.new_empty(2, n, c)
+        if buf is None:
+            rows = (y_s - 1.0 / c, y_t - 1.0 / c)
+        else:
+            rows = buf
             torch.sub(y_s, 1.0 / c, out=buf[0])
             torch.sub(y_t, 1.0 / c, out=buf[1])
         m = row_dots(rows, rows)  # [B, 2, 2]: the row dot products
