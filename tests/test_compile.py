@@ -72,3 +72,37 @@ def test_compiled_loss_keeps_the_eager_errors():
     wrapped = compile_loss(plain)
     wrapped(s, t, y, epoch=2.5)
     assert seen == [2.5] and wrapped.name == "plain" and not hasattr(wrapped, "beta")
+
+
+def test_compiled_exps_equal_exp():
+    """The compiled row loops' exps: ``compiled_exp`` (exp2 with log2 e folded into the scale) and
+    ``unit_exp`` (exp(d) as exp(d / T) ** T for whole T <= 8, else compiled_exp) equal ``exp`` on
+    ``d <= 0`` down to float32's smallest normal numbers, and give 0 (not inf or NaN) far below."""
+    from timm_kd.losses._fused import compiled_exp, unit_exp
+
+    taus = (1.0, 2.0, 3.0, 4.0, 8.0, 2.5, 9.0)
+
+    def exps(d):
+        return torch.stack([unit_exp(d, compiled_exp(d, 1.0 / tau), tau) for tau in taus])
+
+    d = -torch.linspace(0.0, 80.0, 4000).reshape(2, -1)
+    out = torch.compile(exps, fullgraph=True)(d)
+    # error: ~T ulp from the powers, |x| 2^-24 from the scaled argument (5e-6 at T = 8, d = -80)
+    torch.testing.assert_close(out, d.exp().expand_as(out), rtol=1e-5, atol=0.0)
+    far = torch.compile(exps, fullgraph=True)(torch.full((1, 16), -200.0))
+    assert torch.all(far >= 0) and torch.all(far < 1e-37)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [("kd", {"tau": 2.5}), ("dtkd", {"tau": 3.5, "warmup_epochs": 0})]
+)
+def test_compiled_loss_matches_eager_at_a_fractional_temperature(name, kwargs):
+    """At a non-integer temperature the compiled losses take exp(d) without the power shortcut."""
+    torch._dynamo.reset()
+    eager = create_loss(name, check_inputs=False, **kwargs)
+    compiled = create_loss(name, check_inputs=False, compile={"fullgraph": True}, **kwargs)
+    s, t, y = _batch(16, 12, seed=3)
+    ref, ref_grad = _value_and_grad(eager, s, t, y, None)
+    out, grad = _value_and_grad(compiled, s, t, y, None)
+    torch.testing.assert_close(out["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
