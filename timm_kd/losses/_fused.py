@@ -420,9 +420,10 @@ class _DTKDObjective(torch.autograd.Function):
         dL/dx_s = (dL/dT_s - dL/dT_t) dT_s/dx_s                 (to the first argmax, as torch.max)
 
     One softmax pass per temperature and student/teacher side, shared shifted logits, and no
-    ``[B, C]`` log-probabilities: every row sum and dot product comes from one batched matmul, and the
-    backward's five-term combination from one batched ``[1, 5] x [5, C]`` product per row. No nested
-    autograd, so ``torch.compile`` traces it whole (``compile_loss``).
+    ``[B, C]`` log-probabilities: eagerly, every row sum and dot product comes from one batched matmul,
+    and the backward's five-term combination from one batched ``[1, 5] x [5, C]`` product per row
+    (compiled, both are fused loops over rows: ``row_dots``, ``row_combine``, ``_dtkd_rows``). No
+    nested autograd, so ``torch.compile`` traces it whole (``compile_loss``).
     """
 
     @staticmethod
