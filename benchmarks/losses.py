@@ -5,8 +5,8 @@ candidate once, in a rotating order, and the table reports each candidate's medi
 what matters (the absolute times depend on the machine and its load). Target: every loss within 3x
 of ``F.cross_entropy``.
 
-    python benchmarks/losses.py                       # B = 256, C = 1000, on CPU
-    python benchmarks/losses.py --threads 1 --compile # + each loss through create_loss(..., compile=True)
+    python benchmarks/losses.py             # B = 256, C = 1000, on CPU, one thread
+    python benchmarks/losses.py --compile   # + each loss through create_loss(..., compile=True)
     python benchmarks/losses.py --batch-size 64 --num-classes 100 --repeats 50
 """
 from __future__ import annotations
@@ -39,7 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cpu: CPU time of this process (default; robust when other jobs share the machine);\n"
         "wall: elapsed time (use on an otherwise idle machine)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: 1 with the cpu clock, which adds up every thread's time and\n"
+        "so counts OpenMP's spin-waiting as work; torch's choice with the wall clock)",
+    )
     p.add_argument("--losses", nargs="*", default=None, help="names to time (default: every registered loss)")
     p.add_argument(
         "--compile", action="store_true",
@@ -48,8 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "cross-entropy, and a compiled cross-entropy row is shown for reference",
     )
     args = p.parse_args(argv)
-    for name in ("batch_size", "num_classes", "repeats", "inner"):
-        if getattr(args, name) < 1:
+    if args.threads is None and args.clock == "cpu":
+        args.threads = 1
+    for name in ("batch_size", "num_classes", "repeats", "inner", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
 

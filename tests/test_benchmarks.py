@@ -64,3 +64,18 @@ def test_losses_benchmark_times_eager_and_compiled_rows():
     for row in rows:
         pattern = rf"^\| {re.escape(row)} \| {NUM}+ \| {NUM}+ \| (yes|\*\*no\*\*) \|$"
         assert re.search(pattern, res.stdout, re.M), (row, res.stdout)
+
+
+def test_losses_benchmark_counts_one_thread_under_the_cpu_clock():
+    """The CPU clock adds up every thread's time (OpenMP's spin-waits included), so the default run
+    times one thread; the wall clock keeps torch's choice, and an explicit --threads wins."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import losses as bench
+    finally:
+        sys.path.pop(0)
+    assert bench.parse_args([]).threads == 1
+    assert bench.parse_args(["--clock", "wall"]).threads is None
+    assert bench.parse_args(["--threads", "2"]).threads == 2
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--threads", "0"])

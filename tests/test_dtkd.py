@@ -77,6 +77,26 @@ def test_value_and_student_gradient_match_the_authors(seed, max_temp_ratio):
     torch.testing.assert_close(student_grad(ours, s).double(), student_grad(ref, s), atol=1e-5, rtol=1e-4)
 
 
+def test_tied_maxima_send_the_temperature_gradient_to_the_first_one():
+    """With tied student maxima the temperatures' gradient goes to the first maximum's column, as
+    ``torch.max(dim)`` in the authors' code sends it (the fused objective finds that column from the
+    shifted logits); a row of equal logits (a zero-initialised head) included."""
+    s, t, y = positive_max_batch(6, 12, seed=5)
+    s[:, [2, 7, 9]] = s.amax(-1, keepdim=True) + 0.5  # three-way ties at the maximum
+    s[5] = 2.0  # every logit tied
+    loss_fn = create_loss("dtkd", max_temp_ratio=None)
+
+    def ours(z):
+        return loss_fn(z.float(), t.float(), y, epoch=30.0)["loss"]
+
+    def ref(z):
+        return ref_dtkd(z, t, y, 30.0)
+
+    g, g_ref = student_grad(ours, s).double(), student_grad(ref, s)
+    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+    assert (g_ref[:5, 2] - g_ref[:5, 7]).abs().min() > 1e-3  # the first maximum's column differs
+
+
 def test_temperatures_are_not_detached():
     """The gradient through x_s in both temperatures is part of the authors' gradient."""
     s, t, _ = positive_max_batch(8, 20, seed=3)

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._fused import first_argmax
+
 __all__ = [
     "DistillLoss",
     "LossInputs",
@@ -255,7 +257,7 @@ class DistillLoss(nn.Module):
                 )
             soft = True
             target = target.float()
-            labels = target.argmax(dim=-1)
+            labels = first_argmax(target)
         else:
             raise ValueError(
                 f"{name}: target must be class indices [batch] or soft targets [batch, classes], "

@@ -185,7 +185,7 @@ class DTKDLoss(DistillLoss):
                 loss, ce, kd, dtkd, t_t, t_s = dtkd_objective(
                     x.student, x.teacher, x.labels, soft, self.tau, self.ce_weight, warmup * self.kd_weight,
                     warmup * self.dtkd_weight,
-                    lambda xs: dtkd_temperatures(xs, t_max, self.tau, self.max_temp_ratio, slope=True),
+                    lambda xs: dtkd_temperatures(xs, t_max, self.tau, self.max_temp_ratio, slope=True), t_max,
                 )
                 return {
                     "loss": loss, "ce": ce, "dtkd": dtkd, "kd": kd,
