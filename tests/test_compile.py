@@ -24,7 +24,7 @@ def _batch(b: int, c: int, seed: int, soft: bool = False):
 def _value_and_grad(loss_fn, s, t, y, epoch):
     s = s.clone().requires_grad_(True)
     out = loss_fn(s, t, y, epoch=epoch)
-    out["loss"].backward()
+    (1.5 * out["loss"]).backward()  # an upstream gradient other than 1 (as a loss scaler's)
     return {k: v.detach() for k, v in out.items()}, s.grad
 
 
@@ -106,3 +106,23 @@ def test_compiled_loss_matches_eager_at_a_fractional_temperature(name, kwargs):
     out, grad = _value_and_grad(compiled, s, t, y, None)
     torch.testing.assert_close(out["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_cpu_compile_options_reach_torch_compile_only_where_they_apply():
+    """A loss's ``cpu_compile_options`` (DTKD's Inductor realization threshold) go to
+    ``torch.compile`` for CPU logits only, under the caller's own options, and not at all with a
+    ``mode`` or another backend (torch.compile refuses options with a mode); options this torch's
+    Inductor does not have are dropped instead of failing the compile."""
+    loss = create_loss("dtkd", compile=True)
+    assert loss.compile_kwargs_for("cpu") == {"options": {"realize_reads_threshold": 2}}
+    assert loss.compile_kwargs_for("cuda") == {}
+    mine = create_loss("dtkd", compile={"options": {"realize_reads_threshold": 3, "trace.enabled": False}})
+    assert mine.compile_kwargs_for("cpu")["options"] == {"realize_reads_threshold": 3, "trace.enabled": False}
+    for other in ({"mode": "max-autotune-no-cudagraphs"}, {"backend": "aot_eager"}):
+        assert create_loss("dtkd", compile=other).compile_kwargs_for("cpu") == other
+    assert create_loss("kd", compile=True).compile_kwargs_for("cpu") == {}  # no options of its own
+    loss.loss_fn.cpu_compile_options = {"no_such_inductor_option": 1}  # an option a later torch dropped
+    assert loss.compile_kwargs_for("cpu") == {}
+    s, t, y = _batch(4, 6, seed=3)
+    loss(s.requires_grad_(True), t, y, epoch=30.0)["loss"].backward()  # and it compiles and runs
+    assert s.grad is not None and torch.isfinite(s.grad).all()

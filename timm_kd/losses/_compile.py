@@ -7,6 +7,10 @@ every step would recompile the loss each step until the recompile limit, after w
 eagerly. ``CompiledLoss`` checks the epoch in Python and passes it to a ``DistillLoss`` as a 0-d
 tensor on the logits' device; ``warmup_factor`` then computes the warm-up in the graph.
 
+Each device type compiles on its first call (``CompiledLoss.compile_kwargs_for``): on CPU a loss may
+add Inductor options of its own (a ``cpu_compile_options`` dict, e.g. DTKD's realization threshold),
+measured there and left out elsewhere.
+
 What it buys (``python benchmarks/losses.py --compile``, docs/losses.md#speed): the fused
 Functions' passes over ``[B, C]`` become per-row loops that keep each row in cache, so the extra
 cost of a multi-temperature loss over cross-entropy shrinks. The first call compiles (seconds, cached
@@ -34,11 +38,33 @@ class CompiledLoss(nn.Module):
     def __init__(self, loss_fn: Any, **compile_kwargs: Any):
         super().__init__()
         self.loss_fn = loss_fn
-        fn = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn
-        # the compiled callable is kept out of the module tree (it is not state)
-        self.__dict__["_compiled"] = torch.compile(fn, **compile_kwargs)
+        # compiled on first use per device type (see compile_kwargs_for); kept out of the module
+        # tree (they are not state)
+        self.__dict__["_compiled"] = {}
+        self.__dict__["_compile_kwargs"] = compile_kwargs
         # only our losses take the epoch as a tensor (``warmup_factor``); a plug-in gets what it gets
         self._epoch_as_tensor = isinstance(loss_fn, DistillLoss)
+
+    def compile_kwargs_for(self, device_type: str) -> dict[str, Any]:
+        """The ``torch.compile`` keyword arguments for logits on ``device_type``: the caller's, plus on
+        CPU the loss's ``cpu_compile_options`` (Inductor options measured to help it there) when the
+        caller chose neither a ``mode`` nor another backend, and only the options this torch has."""
+        kwargs = dict(self._compile_kwargs)
+        extra = getattr(self.loss_fn, "cpu_compile_options", None) if device_type == "cpu" else None
+        if extra and "mode" not in kwargs and kwargs.get("backend", "inductor") == "inductor":
+            import torch._inductor.config as inductor_config
+
+            known = {k: v for k, v in extra.items() if hasattr(inductor_config, k)}
+            if known:
+                kwargs["options"] = {**known, **kwargs.get("options", {})}
+        return kwargs
+
+    def _compiled_for(self, device_type: str) -> Any:
+        fn = self._compiled.get(device_type)
+        if fn is None:
+            inner = self.loss_fn.forward if isinstance(self.loss_fn, nn.Module) else self.loss_fn
+            fn = self._compiled[device_type] = torch.compile(inner, **self.compile_kwargs_for(device_type))
+        return fn
 
     @property
     def name(self) -> str:
@@ -67,7 +93,8 @@ class CompiledLoss(nn.Module):
             epoch = torch.tensor(
                 check_epoch(epoch, self.name), dtype=torch.float32, device=student_logits.device
             )
-        return self._compiled(student_logits, teacher_logits, target, epoch=epoch)
+        compiled = self._compiled_for(student_logits.device.type)
+        return compiled(student_logits, teacher_logits, target, epoch=epoch)
 
 
 def compile_loss(loss_fn: Any, **compile_kwargs: Any) -> CompiledLoss:

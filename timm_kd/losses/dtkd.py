@@ -138,6 +138,13 @@ class DTKDLoss(DistillLoss):
     """
 
     name = "dtkd"
+    #: ``torch.compile`` options on CPU (``compile_loss``): Inductor forms a pointwise value again in
+    #: every loop that reads it unless it is read more than ``realize_reads_threshold`` times (4);
+    #: DTKD's compiled forward reads its exps in the row sums and again in the gradient's loop, and
+    #: at 2 Inductor stores two of them in the first loop and the gradient reads them back (six
+    #: exps per element instead of eight: 0.82-0.88 of the time, docs/losses.md). Not measured on
+    #: GPU, where Triton's exp is cheap and stored tensors cost bandwidth, so CPU only.
+    cpu_compile_options = {"realize_reads_threshold": 2}
 
     def __init__(
         self,
