@@ -413,14 +413,14 @@ def tempered_kl(
     return _TemperedKL.apply(student_logits, teacher_logits.detach(), temp_student, temp_teacher)
 
 
-def _dtkd_rows(x, t, xs, tt, ts, tau):
+def _dtkd_rows(x, t, xs, t_max, tt, ts, tau):
     """``_DTKDObjective``'s rows as separate tensors, for ``torch.compile``: ``left`` = the five exps
     ``exp(d), exp(d/T), exp(d/T_s), exp(du/T), exp(du/T_t)`` and ``exp(du/T_t) du``, ``right`` =
     ``d, du, 1``. Eager code writes the same values into two stacked buffers; in a compiled graph,
     writes into slices of one buffer become whole-buffer copies, while fresh tensors fuse into
     Inductor's loop over rows. Four exps per element: ``exp(d)`` is ``unit_exp`` of ``exp(d/T)``
     at a whole ``T``."""
-    d, du = x - xs, t - t.amax(dim=1, keepdim=True)
+    d, du = x - xs, t - t_max
     e_k, f_d = compiled_exp(d, 1.0 / tau), compiled_exp(du, 1.0 / tt)
     left = (unit_exp(d, e_k, tau), e_k, compiled_exp(d, 1.0 / ts), compiled_exp(du, 1.0 / tau), f_d, f_d * du)
     return left, (d, du, torch.ones_like(d))
@@ -462,13 +462,13 @@ class _DTKDObjective(torch.autograd.Function):
         # [B, k, C] slice takes about twice as long), the matmul reads them transposed
         compiling = is_compiling()
         if compiling:  # fresh tensors, see _dtkd_rows
-            left, right = _dtkd_rows(x, t, xs, tt, ts, tau)
+            left, right = _dtkd_rows(x, t, xs, t_max, tt, ts, tau)
             d = right[0]
         else:
             right = x.new_empty(3, n, c)
             d, du = right[0], right[1]
             torch.sub(x, xs, out=d)
-            torch.sub(t, t.amax(dim=1, keepdim=True) if t_max is None else t_max, out=du)
+            torch.sub(t, t_max, out=du)
             right[2].fill_(1.0)
             left = x.new_empty(6, n, c)
             e1, e_k, e_d, f_k, f_d, w = left.unbind(0)
@@ -561,7 +561,9 @@ def dtkd_objective(
     ``temps_fn(student_max [B, 1]) -> (T_t, T_s, dT_s/dx_s)`` holds the temperature rule, its guard
     and its slope (``dtkd_temperatures(..., slope=True)``); ``teacher_max`` (``[B, 1]``), when the
     caller has it, saves a pass."""
-    x = student_logits.detach()
+    x, t = student_logits.detach(), teacher_logits.detach()
+    if teacher_max is None:
+        teacher_max = t.amax(dim=1, keepdim=True)
     xs = x.amax(dim=1, keepdim=True)
     if is_compiling():  # the first argmax as a min reduction, fused with the max's loop (an
         # index-tracking max compiles to a slower loop of its own)
@@ -571,7 +573,7 @@ def dtkd_objective(
         arg = None
     tt, ts, slope = temps_fn(xs)
     loss, ce, kd, dt = _DTKDObjective.apply(
-        student_logits, teacher_logits.detach(), labels.unsqueeze(1), soft_target,
+        student_logits, t, labels.unsqueeze(1), soft_target,
         float(tau), float(ce_weight), kd_weight, dtkd_weight, xs, arg, tt, ts, slope, teacher_max,
     )
     return loss, ce, kd, dt, tt.squeeze(1), ts.squeeze(1)
