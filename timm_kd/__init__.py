@@ -1,9 +1,8 @@
 """timm-kd: knowledge distillation for timm image models."""
 from .hub import push_to_hub, save_pretrained, validate_repo_id
 from .losses import create_loss, list_losses, register_loss
+from .version import __version__
 from .wrapper import DistillWrapper
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DistillWrapper",

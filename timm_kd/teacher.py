@@ -1,4 +1,4 @@
-"""The frozen teacher: model creation, freezing, input adapters and the label map.
+"""The frozen teacher: freezing, input adapters and the label map.
 
 ``Teacher`` wraps any timm model (or any ``nn.Module`` returning logits) so that it can be called
 on the *student's* batch and return logits for the *student's* classes::
@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -65,6 +64,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .models import (
+    channel_mismatch_error,
+    class_mismatch_error,
+    model_in_chans,
+    model_num_classes,
+    resolve_model,
+    unwrap_model,
+)
 
 __all__ = [
     "Teacher",
@@ -80,198 +88,6 @@ _logger = logging.getLogger(__name__)
 
 # timm interpolation names -> F.interpolate modes. PIL's 'nearest' samples like 'nearest-exact'.
 _INTERP_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest-exact"}
-
-
-# --------------------------------------------------------------------------------------------------
-# model creation
-
-
-def model_num_classes(model: nn.Module) -> int | None:
-    """Number of classes a classifier predicts: timm's ``num_classes``, else its classifier's width."""
-    model = _unwrap(model)
-    n = getattr(model, "num_classes", None)
-    if isinstance(n, int):
-        return n
-    get = getattr(model, "get_classifier", None)
-    if callable(get):
-        head = get()
-        if isinstance(head, nn.Linear):
-            return head.out_features
-    return None
-
-
-def model_in_chans(model: nn.Module) -> int | None:
-    """Input channels: timm's ``in_chans``, else the ``in_channels`` of the first convolution."""
-    model = _unwrap(model)
-    n = getattr(model, "in_chans", None)
-    if isinstance(n, int):
-        return n
-    for m in model.modules():
-        c = getattr(m, "in_channels", None)
-        if isinstance(c, int):
-            return c
-    return None
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    from timm.utils import unwrap_model
-
-    return unwrap_model(model)
-
-
-def _classifier_keys(model: nn.Module) -> list[str]:
-    """State-dict prefixes of the classifier(s): from ``pretrained_cfg['classifier']`` or the head module."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    names = cfg.get("classifier")
-    if names:
-        return list(names) if isinstance(names, (list, tuple)) else [names]
-    get = getattr(model, "get_classifier", None)
-    if callable(get):
-        head = get()
-        for name, m in model.named_modules():
-            if m is head and name:
-                return [name]
-    return []
-
-
-def _load_checkpoint_file(path: str | os.PathLike, role: str) -> dict[str, torch.Tensor]:
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(
-            f"{role}_checkpoint={path!r} is a folder. Pass the weights file (model.safetensors), or, for "
-            f"a folder written by timm's save_for_hf / timm_kd.hub.save_pretrained, pass "
-            f"{role}='local-dir:{path}'."
-        )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{role}_checkpoint: no file at {path!r}")
-    from timm.models import load_state_dict
-
-    # safetensors files are read as such; anything else goes through torch.load(weights_only=True).
-    return load_state_dict(path, use_ema=True, weights_only=True)
-
-
-def resolve_model(
-    model: str | nn.Module,
-    *,
-    pretrained: bool = False,
-    checkpoint: str | os.PathLike | None = None,
-    num_classes: int | None = None,
-    replace_head: bool = False,
-    role: str = "model",
-    **kwargs: Any,
-) -> nn.Module:
-    """A ready model from an ``nn.Module`` or a timm name.
-
-    Names go to ``timm.create_model`` unchanged, so registry names, ``name.tag``, ``hf-hub:org/repo``
-    and ``local-dir:/path`` all work, with ``pretrained`` and ``kwargs`` (``in_chans``, ``img_size``...).
-
-    ``checkpoint`` (a ``.safetensors`` file, or a torch file read with ``weights_only=True``; EMA
-    weights are preferred where the file has them) replaces the pretrained weights: nothing is
-    downloaded. Its class count comes from the checkpoint's classifier, so a fine-tuned 100-class
-    checkpoint loads as a 100-class model. If ``num_classes`` asks for another count, the head is
-    re-initialized when ``replace_head`` (a student starting from other weights), else it is an
-    error (a teacher's classifier is what it teaches). Loading is strict otherwise.
-    """
-    if isinstance(model, nn.Module):
-        if checkpoint is not None or kwargs:
-            raise ValueError(
-                f"{role}: a checkpoint and model kwargs ({sorted(kwargs)}) apply only when the {role} is a "
-                f"model name; load the weights into your module before passing it."
-            )
-        have = model_num_classes(model)
-        if num_classes is not None and have is not None and num_classes != have:
-            raise ValueError(
-                f"{role}: num_classes={num_classes} was given but the {role} module predicts {have} classes. "
-                f"Call {role}.reset_classifier({num_classes}) before passing it, or pass the model name "
-                f"instead of the module."
-            )
-        return model
-    if not isinstance(model, str):
-        raise TypeError(f"{role} must be a timm model name or an nn.Module, got {type(model).__name__}")
-
-    import timm
-
-    net = timm.create_model(
-        model, pretrained=bool(pretrained) and checkpoint is None, num_classes=num_classes, **kwargs
-    )
-    if checkpoint is None:
-        return net
-    state = _load_checkpoint_file(checkpoint, role)
-    ckpt_classes = None
-    heads = _classifier_keys(net)
-    for h in heads:
-        w = state.get(f"{h}.weight")
-        if w is not None and w.ndim >= 1:
-            ckpt_classes = int(w.shape[0])
-            break
-    have = model_num_classes(net)
-    if ckpt_classes is not None and have is not None and ckpt_classes != have:
-        if num_classes is None:
-            net.reset_classifier(ckpt_classes)  # the checkpoint says how many classes it predicts
-        elif replace_head:
-            state = {k: v for k, v in state.items() if not any(k.startswith(f"{h}.") for h in heads)}
-            missing, unexpected = net.load_state_dict(state, strict=False)
-            bad = [k for k in missing if not any(k.startswith(f"{h}.") for h in heads)]
-            if bad or unexpected:
-                raise RuntimeError(
-                    f"{role}_checkpoint {os.fspath(checkpoint)!r} does not fit {model!r}: missing {bad[:5]}, "
-                    f"unexpected {unexpected[:5]}"
-                )
-            _logger.info(
-                "%s: checkpoint head has %d classes; a new %d-class head was initialized",
-                role,
-                ckpt_classes,
-                num_classes,
-            )
-            return net
-        else:
-            raise ValueError(
-                f"{role}_checkpoint {os.fspath(checkpoint)!r} predicts {ckpt_classes} classes but "
-                f"num_classes={num_classes} was asked. A {role}'s classifier cannot be replaced: drop "
-                f"num_classes to keep the checkpoint's {ckpt_classes} classes, and map them with "
-                f"class_map=... if they are a superset of the student's."
-            )
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(
-            f"{role}_checkpoint {os.fspath(checkpoint)!r} does not fit {model!r} "
-            f"(create kwargs {kwargs}): {e}"
-        ) from None
-    return net
-
-
-def class_mismatch_error(teacher: str, teacher_classes: int, student_classes: int) -> ValueError:
-    """The error for a teacher and student predicting different numbers of classes, with the fixes."""
-    if teacher_classes > student_classes:
-        fix = (
-            f"If the student's classes are a subset of the teacher's, pass class_map=[teacher index of each "
-            f"student class] ({student_classes} entries). Otherwise give the student "
-            f"num_classes={teacher_classes}, or use a teacher fine-tuned on your {student_classes} classes "
-            f"(teacher_checkpoint=...)."
-        )
-    else:
-        fix = (
-            f"The teacher knows fewer classes than the student: fine-tune the teacher on the student's "
-            f"{student_classes} classes first (then pass teacher_checkpoint=...), or give the student "
-            f"num_classes={teacher_classes}."
-        )
-    return ValueError(
-        f"teacher {teacher!r} predicts {teacher_classes} classes but the student predicts {student_classes}. "
-        f"{fix}"
-    )
-
-
-def channel_mismatch_error(teacher: str, teacher_chans: int, student_chans: int) -> ValueError:
-    """The error for a teacher and student taking different numbers of input channels, with the fixes."""
-    return ValueError(
-        f"teacher {teacher!r} takes {teacher_chans}-channel images but the student takes {student_chans}. "
-        f"Create the teacher for {student_chans} channels (timm adapts pretrained stems: "
-        f"DistillWrapper(..., teacher_kwargs={{'in_chans': {student_chans}}}) or "
-        f"timm.create_model(name, pretrained=True, in_chans={student_chans})), or give the student "
-        f"{teacher_chans}-channel inputs."
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,7 +119,7 @@ def resize_like_pil(
 
 def _fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     """The input size a model insists on (a ViT with strict patch embedding), else None."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     pe = getattr(model, "patch_embed", None)
     if pe is None or getattr(model, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", False):
         return None
@@ -399,7 +215,7 @@ class Teacher(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(model).__name__}")
-        self.name = name or type(_unwrap(model)).__name__
+        self.name = name or type(unwrap_model(model)).__name__
         self.verbose = verbose
         self._logged: set[Any] = set()
         self.model = model
@@ -436,7 +252,7 @@ class Teacher(nn.Module):
         if data_config is None:
             from timm.data import resolve_data_config
 
-            data_config = resolve_data_config(model=_unwrap(model))
+            data_config = resolve_data_config(model=unwrap_model(model))
         self.data_config = dict(data_config)
         n = t_chans or in_chans
         self.mean = _channels(self.data_config.get("mean", (0.485, 0.456, 0.406)), n, "teacher's mean")

@@ -41,29 +41,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 from timm.task import TrainingTask
-from timm.utils import unwrap_model
 
 from .losses import create_loss
-from .teacher import (
-    Teacher,
+from .models import (
     channel_mismatch_error,
     class_mismatch_error,
     model_in_chans,
     model_num_classes,
     resolve_model,
+    unwrap_model,
 )
+from .teacher import Teacher
 
 __all__ = ["DistillWrapper"]
 
 _logger = logging.getLogger(__name__)
-
-
-def _strip_ddp(module: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while isinstance(module, (DistributedDataParallel, DataParallel)):
-        module = module.module
-    return module
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -342,7 +334,7 @@ class DistillWrapper(TrainingTask):
     def get_eval_model(self, module: nn.Module | None = None, ema: bool = False) -> nn.Module | None:
         """The student for validation and checkpoints: without DDP, compiled if it was compiled."""
         if module is None and not ema:
-            return _strip_ddp(self.student)
+            return unwrap_model(self.student, compiled=False)
         return super().get_eval_model(module=module, ema=ema)
 
     # ---------------------------------------------------------------------------------------------
