@@ -26,8 +26,8 @@ def interleaved_times(
 
     Every round calls every step once, in an order shuffled each round (seeded: the same runs give
     the same orders), so no step always runs first or right after the same other step (a step's
-    cost depends on what its predecessor left in the caches; rotating one fixed order kept each
-    step's predecessor); ratios between steps taken this way share the machine's load. ``sync``
+    cost depends on what its predecessor left in the caches); ratios between steps taken this way
+    share the machine's load. ``sync``
     (e.g. ``torch.cuda.synchronize``) runs before each clock read. ``progress`` prints
     ``"{progress}round r/n"`` to stderr.
     """

@@ -9,7 +9,7 @@ resnet10t trained 3 epochs with cross-entropy, student test_resnet distilled 3 e
 1. trains the teacher once (seed 42, saved in timm format; reused by every seed),
 2. distills the student online from it, for each method,
 3. builds a teacher cache with ``num_views = epochs`` views per image and the top-k logits
-   (``timm_kd.cache.build_teacher_cache``; view v is the view online training draws in epoch v with
+   (``timm_kd.engine.build_teacher_cache``; view v is the view online training draws in epoch v with
    this seed), with its tail prior,
 4. distills the same student (same seed, same epochs, same views) from the cache, no teacher in memory,
    once per tail mode (``--teacher-cache-tail``: ``prior``, the default, and ``flat``, the ablation),
@@ -36,7 +36,10 @@ from pathlib import Path
 import torch
 
 from timm_kd import create_loss, engine, list_losses
-from timm_kd.cache import build_teacher_cache, topk_error
+from timm_kd import data as D
+from timm_kd.cache import TeacherCache, topk_error
+from timm_kd.engine import build_teacher_cache
+from timm_kd.models import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,9 +54,6 @@ def _quickstart_config() -> dict:
 @torch.no_grad()
 def _test_logits(model_dir: str, config: engine.TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of a saved timm-format model on the test split (eval transform), and the labels."""
-    from timm_kd import data as D
-    from timm_kd.teacher import resolve_model
-
     model = resolve_model(f"local-dir:{model_dir}", pretrained=True, role="teacher").eval()
     test = D.load_image_dataset(
         config.dataset, config.val_split, embedded_kwargs=config.embedded_kwargs or None
@@ -154,8 +154,6 @@ def main() -> None:
             print(f"seed {seed} {method}: " + ", ".join(f"{k} {row[k]:.2f}" for k in ["online", *tails]))
 
     # 5. approximation error on real logits (first seed's cache prior and online student)
-    from timm_kd.cache import TeacherCache
-
     prior = TeacherCache(out / f"cache_k{args.top_k}_seed{seeds[0]}").tail_prior
     zt, y = _test_logits(str(teacher_dir / "student"), base)
     zs, _ = _test_logits(str(out / f"online_{methods[0]}_s{seeds[0]}" / "student"), base)

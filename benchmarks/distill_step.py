@@ -5,9 +5,9 @@ One run, side by side, for every registered loss (small timm models, random weig
 * **student alone**: ``student(x)``, cross-entropy, backward, SGD step (the physical limit);
 * **teacher forward**: the bare teacher network under ``torch.inference_mode()``;
 * **online**: ``DistillWrapper(student, teacher, loss)(x, y)``, backward, SGD step;
-* **cached**: the student step plus the loss on teacher logits rebuilt from stored top-k
-  (``timm_kd.cache.expand_logits`` of what ``compress_logits(z_t, k)`` stored, with a tail prior up to
-  4096 classes, as a real cache has): no teacher runs;
+* **cached**: ``DistillWrapper(student, CachedTeacher, loss)(x, y, **columns)``, backward, SGD step:
+  the teacher logits are rebuilt from the stored top-k columns (what ``compress_logits(z_t, k)``
+  gives, with a tail prior up to 4096 classes, as a real cache has): no teacher runs;
 * **timm task**: timm's own ``timm.task.LogitDistillationTask`` (KL at T = 4) with the same models.
 
 Targets::
@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from _bench import interleaved_times, nbytes, status_kb
 from timm.data import resolve_data_config
 
-from timm_kd import DistillWrapper, create_loss, list_losses
-from timm_kd.cache import TAIL_PRIOR_MAX_CLASSES, compress_logits, expand_logits
+from timm_kd import DistillWrapper, list_losses
+from timm_kd.cache import TAIL_PRIOR_MAX_CLASSES, CachedTeacher, compress_logits
 from timm_kd.teacher import Teacher
 
 EPOCH = 30.0  # past every default warm-up, so the warm-up losses compute all their terms
@@ -312,18 +312,16 @@ def build_steps(
             else:  # a memory child: no teacher in memory, as in a cached run
                 z_t = torch.randn(batch_size, num_classes, device=dev) * 3
             store = compress_logits(z_t, min(args.topk, num_classes))
-            loss_fn = create_loss(loss, check_inputs=False).to(dev)
+            columns = {f"teacher_{k}": v for k, v in store.items()}  # what a cached batch carries
             # the cache's tail prior (a real build stores one up to TAIL_PRIOR_MAX_CLASSES classes): its
             # values do not change the cost of rebuilding the logits, its shape does
             prior = None
             if num_classes <= TAIL_PRIOR_MAX_CLASSES:
                 prior = torch.randn(num_classes, num_classes, device=dev).log_softmax(dim=1)
-
-            def cached_loss(f=loss_fn, s=store, p=prior) -> torch.Tensor:
-                z = expand_logits(s["values"], s["indices"], num_classes, s["lse"], s["tail_lse"], p)
-                return f(student(x), z, y, epoch=EPOCH)["loss"]
-
-            steps[cached(loss)] = train_step(cached_loss)
+            teacher_c = CachedTeacher.from_prior(num_classes, prior)
+            wrapper = DistillWrapper(student, teacher_c, loss=loss, check_inputs=False, verbose=False)
+            wrapper.train()
+            steps[cached(loss)] = train_step(lambda w=wrapper, c=columns: w(x, y, epoch=EPOCH, **c)["loss"])
     return steps, models
 
 

@@ -174,8 +174,8 @@ def mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def main():
-    # 1. Arguments.
+def parse_args():
+    """The study's settings: STUDY, QUICK with --quick, then the flags given."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -202,38 +202,22 @@ def main():
     cli = parser.parse_args()
     settings = {**STUDY, **(QUICK if cli.quick else {})}
     settings.update({k: v for k, v in vars(cli).items() if v is not None and k in STUDY})
-    args = argparse.Namespace(**settings)
+    args = argparse.Namespace(**settings, mixed_precision=cli.mixed_precision)
     for name in ("epochs", "teacher_epochs", "num_train", "num_test", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     unknown = sorted(set(args.methods) - set(STUDY["methods"] + EXTRA_METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {STUDY['methods'] + EXTRA_METHODS}")
+    return args
 
-    # 2. Processes split the work; on a machine without a GPU they are CPU processes (gloo), one
-    #    thread each, which is faster for these small models than two threads in one process.
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cli.mixed_precision,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))],
-    )
-    if accelerator.num_processes > 1 and not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+
+def train_teachers(args, out, data, data_tag, accelerator):
+    """Train each teacher once (largest first, spread over processes), save it in timm's format
+    with its logits on the training and test images; return every teacher's facts and train logits."""
+    (x_train, y_train), (x_test, y_test) = data
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    out = Path(args.output_dir)
-    (out / "teachers").mkdir(parents=True, exist_ok=True)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    x_train, y_train = load_split("train", args)
-    x_test, y_test = load_split("test", args)
-    data_tag = f"{args.image_size}px_{args.num_train}_{args.num_test}_e{args.teacher_epochs}"
-    accelerator.print(
-        f"{len(x_train)} train / {len(x_test)} test images, {args.image_size}x{args.image_size}, "
-        f"{world} process(es)"
-    )
 
-    # 3. Teachers: train each once (largest first, spread over processes), save in timm's format
-    #    with its logits on the training and test images.
     def teacher_dir(name):
         return out / "teachers" / f"{name}_{data_tag}"
 
@@ -260,9 +244,8 @@ def main():
             accelerator=accelerator,
         )
         logits = {"train": predict(model, x_train, device), "test": predict(model, x_test, device)}
-        save_pretrained(
-            model, folder / "timm"
-        )  # timm.create_model(f"local-dir:{folder}/timm", pretrained=True)
+        # loadable with timm.create_model(f"local-dir:{folder}/timm", pretrained=True)
+        save_pretrained(model, folder / "timm")
         meta = {
             "params": sum(p.numel() for p in model.parameters()),
             "train_loss": history[-1]["loss"],
@@ -283,9 +266,12 @@ def main():
             **json.loads((folder / "meta.json").read_text()),
             "logits": load_file(folder / "logits.safetensors")["train"],
         }
+    return teachers
 
-    # 4. Diagnostics from the training-set logits only (never the test set): the ATS temperatures
-    #    the helper suggests for each teacher, and the wrong-class statistics.
+
+def teacher_diagnostics(teachers, y_train, out, accelerator):
+    """From the training-set logits only (never the test set): the ATS temperatures the helper
+    suggests for each teacher, and the wrong-class statistics of the smallest and largest."""
     for t in teachers.values():
         t["suggestion"] = diagnostics.suggest_ats_temperatures(t["logits"], y_train)
         probs = t["logits"].softmax(-1)
@@ -300,13 +286,18 @@ def main():
         )
         (out / "teacher_diagnostics.md").write_text(diagnostics.format_sweep_table(rows) + "\n")
 
-    # 5. Students: every (teacher, method, seed) cell, plus the student alone per seed, spread over
-    #    the processes; each result is saved as it finishes, so a rerun only trains what is missing.
-    cells = [("-", "alone", s) for s in args.seeds if "alone" in args.methods]
-    cells += [(t, m, s) for t in args.teachers for m in args.methods if m != "alone" for s in args.seeds]
-    student_tag = f"{args.student}_{data_tag}_s{args.epochs}"
+
+def cell_path(out, student_tag, teacher_name, method, seed):
+    return out / "cells" / f"{student_tag}__{teacher_name}__{method}__{seed}.json"
+
+
+def train_cells(args, out, data, teachers, cells, student_tag, accelerator):
+    """Every (teacher, method, seed) cell, spread over the processes; each result is saved as it
+    finishes, so a rerun only trains what is missing."""
+    (x_train, y_train), (x_test, y_test) = data
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     for teacher_name, method, seed in cells[rank::world]:
-        path = out / "cells" / f"{student_tag}__{teacher_name}__{method}__{seed}.json"
+        path = cell_path(out, student_tag, teacher_name, method, seed)
         if path.exists():
             continue
         t0 = time.time()
@@ -348,13 +339,50 @@ def main():
             flush=True,
         )
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
 
-    # 6. The table (Markdown + CSV) and the plots.
+
+def teacher_row(name, t, methods, results, alone, student_params):
+    """One teacher's Markdown cells, CSV row and notes (diverged seeds)."""
+    alone_mean, alone_std = alone
+    sug = t["suggestion"]
+    row = [
+        name,
+        f"{t['params'] / 1e6:.2f}",
+        f"{t['params'] / student_params:.0f}x",
+        f"{t['test_top1']:.2f}",
+        f"{t['train_confidence']:.1f}",
+        f"({sug.tau_correct:g}, {sug.tau_wrong:g})",
+    ]
+    csv_row = {
+        "teacher": name,
+        "params": t["params"],
+        "teacher_test_top1": t["test_top1"],
+        "teacher_train_confidence": t["train_confidence"],
+        "ats_suggested_tau_correct": sug.tau_correct,
+        "ats_suggested_tau_wrong": sug.tau_wrong,
+        "student_alone_mean": alone_mean,
+        "student_alone_std": alone_std,
+    }
+    notes = []
+    for m in methods:
+        accs = [r["test_top1"] for r in results[(name, m)]]
+        mean, std = mean_std(accs)
+        diverged = [r["seed"] for r in results[(name, m)] if r["diverged_in_epoch"]]
+        below = mean < alone_mean
+        row.append(f"{mean:.2f} ± {std:.2f}" + (" ↓" if below else "") + (" (diverged)" if diverged else ""))
+        csv_row.update(
+            {f"{m}_mean": mean, f"{m}_std": std, f"{m}_n": len(accs), f"{m}_diverged_seeds": len(diverged)}
+        )
+        if diverged:
+            notes.append(f"{m} from {name} diverged for seeds {diverged}")
+    return row, csv_row, notes
+
+
+def write_results(args, out, teachers, cells, student_tag, t_start):
+    """The table (Markdown + CSV) and the plot."""
     results = {}
     for teacher_name, method, seed in cells:
-        r = json.loads((out / "cells" / f"{student_tag}__{teacher_name}__{method}__{seed}.json").read_text())
+        r = json.loads(cell_path(out, student_tag, teacher_name, method, seed).read_text())
         results.setdefault((teacher_name, method), []).append(r)
     alone_mean, alone_std = mean_std(
         [r["test_top1"] for r in results.get(("-", "alone"), [])] or [float("nan")]
@@ -372,46 +400,12 @@ def main():
     student_params = sum(p.numel() for p in timm.create_model(args.student, num_classes=100).parameters())
     table, csv_rows, notes = [], [], []
     for name in sorted(teachers, key=lambda n: teachers[n]["params"]):
-        t = teachers[name]
-        sug = t["suggestion"]
-        row = [
-            name,
-            f"{t['params'] / 1e6:.2f}",
-            f"{t['params'] / student_params:.0f}x",
-            f"{t['test_top1']:.2f}",
-            f"{t['train_confidence']:.1f}",
-            f"({sug.tau_correct:g}, {sug.tau_wrong:g})",
-        ]
-        csv_row = {
-            "teacher": name,
-            "params": t["params"],
-            "teacher_test_top1": t["test_top1"],
-            "teacher_train_confidence": t["train_confidence"],
-            "ats_suggested_tau_correct": sug.tau_correct,
-            "ats_suggested_tau_wrong": sug.tau_wrong,
-            "student_alone_mean": alone_mean,
-            "student_alone_std": alone_std,
-        }
-        for m in methods:
-            accs = [r["test_top1"] for r in results[(name, m)]]
-            mean, std = mean_std(accs)
-            diverged = [r["seed"] for r in results[(name, m)] if r["diverged_in_epoch"]]
-            below = mean < alone_mean
-            row.append(
-                f"{mean:.2f} ± {std:.2f}" + (" ↓" if below else "") + (" (diverged)" if diverged else "")
-            )
-            csv_row.update(
-                {
-                    f"{m}_mean": mean,
-                    f"{m}_std": std,
-                    f"{m}_n": len(accs),
-                    f"{m}_diverged_seeds": len(diverged),
-                }
-            )
-            if diverged:
-                notes.append(f"{m} from {name} diverged for seeds {diverged}")
+        row, csv_row, row_notes = teacher_row(
+            name, teachers[name], methods, results, (alone_mean, alone_std), student_params
+        )
         table.append(row)
         csv_rows.append(csv_row)
+        notes += row_notes
     md = [
         f"Student {args.student} ({student_params / 1e6:.2f}M) alone: {alone_mean:.2f} ± {alone_std:.2f} % "
         f"top-1 ({len(args.seeds)} seeds). Cells: mean ± std over seeds {args.seeds}; ↓ = below the "
@@ -435,6 +429,48 @@ def main():
         f"\nwritten to {out}: results.md, results.csv, student_vs_teacher_size.png, teacher_diagnostics.png "
         f"({(time.time() - t_start) / 60:.1f} min)"
     )
+
+
+def main():
+    # 1. Arguments.
+    args = parse_args()
+
+    # 2. Processes split the work; on a machine without a GPU they are CPU processes (gloo), one
+    #    thread each, which is faster for these small models than two threads in one process.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=args.mixed_precision,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))],
+    )
+    if accelerator.num_processes > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    out = Path(args.output_dir)
+    (out / "teachers").mkdir(parents=True, exist_ok=True)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    data = (load_split("train", args), load_split("test", args))
+    data_tag = f"{args.image_size}px_{args.num_train}_{args.num_test}_e{args.teacher_epochs}"
+    accelerator.print(
+        f"{len(data[0][0])} train / {len(data[1][0])} test images, {args.image_size}x{args.image_size}, "
+        f"{accelerator.num_processes} process(es)"
+    )
+
+    # 3. Teachers: trained once each, saved in timm's format with their logits.
+    teachers = train_teachers(args, out, data, data_tag, accelerator)
+
+    # 4. Diagnostics from the training-set logits only.
+    teacher_diagnostics(teachers, data[0][1], out, accelerator)
+
+    # 5. Students: every (teacher, method, seed) cell, plus the student alone per seed.
+    cells = [("-", "alone", s) for s in args.seeds if "alone" in args.methods]
+    cells += [(t, m, s) for t in args.teachers for m in args.methods if m != "alone" for s in args.seeds]
+    student_tag = f"{args.student}_{data_tag}_s{args.epochs}"
+    train_cells(args, out, data, teachers, cells, student_tag, accelerator)
+    if not accelerator.is_main_process:
+        return
+
+    # 6. The table (Markdown + CSV) and the plots.
+    write_results(args, out, teachers, cells, student_tag, t_start)
 
 
 def plot_results(path, teachers, results, methods, alone_mean, alone_std, student):

@@ -25,13 +25,9 @@ time in all (the teacher takes more than half). Runs are seeded: two runs here g
     student test_resnet alone (CE)          0.38M    74.35    93.20
     student test_resnet distilled (ats)     0.38M    79.25    96.60
 
-(79.60 / 96.45 before the losses' fused forward/backward of 2026-11-22 changed the float32 rounding
-order.) The engine also prints a warning during stage 3: with this teacher the authors' tau 4 / 3
+The engine also prints a warning during stage 3: with this teacher the authors' tau 4 / 3
 put a wrong class above the label on ~14 % of the samples the teacher gets right; see
 docs/capacity_study.md for what that costs and timm_kd.diagnostics.suggest_ats_temperatures.
-
-With --teacher-epochs 2 it took 5.3 minutes (before the same change): teacher 79.15 %, student
-alone 74.35 %, distilled 78.90 %.
 """
 
 import argparse

@@ -129,11 +129,11 @@ def ref_dkd(
 
 
 def _ref_pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ac = a - a.mean(1, keepdim=True)
-    bc = b - b.mean(1, keepdim=True)
-    num = (ac * bc).sum(1)
-    den = ac.pow(2).sum(1).sqrt() * bc.pow(2).sum(1).sqrt() + 1e-8
-    return num / den
+    """The DIST authors' ``pearson_correlation``: cosine similarity of the row-centred vectors with
+    ``a.norm(dim=1)`` (whose gradient at a zero vector is 0) and eps 1e-8."""
+    ac = a - a.mean(1).unsqueeze(1)
+    bc = b - b.mean(1).unsqueeze(1)
+    return (ac * bc).sum(1) / (ac.norm(dim=1) * bc.norm(dim=1) + 1e-8)
 
 
 def ref_dist_terms(s: torch.Tensor, t: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:

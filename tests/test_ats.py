@@ -86,8 +86,8 @@ def test_golden_target_probs():
             [0.225722846862, 0.613578312893, 0.023791013025, 0.136907827219],
         ]
     )
-    torch.testing.assert_close(p, golden, atol=1e-7, rtol=0)
-    torch.testing.assert_close(p.double(), ref_target(ZT, Y, 4.0, 2.0), atol=1e-7, rtol=0)
+    torch.testing.assert_close(p, golden, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(p.double(), ref_target(ZT, Y, 4.0, 2.0), atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -99,9 +99,9 @@ def test_golden_target_probs():
 )
 def test_golden_loss(t1, t2, s, lam, loss, ce, kd):
     out = create_loss("ats", tau_correct=t1, tau_wrong=t2, student_tau=s, kd_weight=lam)(ZS, ZT, Y)
-    assert out["loss"].item() == pytest.approx(loss, abs=1e-6)
-    assert out["ce"].item() == pytest.approx(ce, abs=1e-6)
-    assert out["kd"].item() == pytest.approx(kd, abs=1e-6)
+    assert out["loss"].item() == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    assert out["ce"].item() == pytest.approx(ce, rel=1e-5, abs=1e-6)
+    assert out["kd"].item() == pytest.approx(kd, rel=1e-5, abs=1e-6)
     # sample 1's target puts class 1 above its label 0
     assert out["target_flip"].item() == pytest.approx(0.5)
     # ... and the teacher's own logits rank label 0 first there, so the temperatures made that flip
@@ -174,7 +174,7 @@ def test_soft_targets_use_argmax_column_and_soft_ce():
     # one-hot soft targets give exactly the hard-label result
     hard = loss(zs, zt, a)["loss"]
     one_hot = loss(zs, zt, torch.nn.functional.one_hot(a, C).float())["loss"]
-    assert one_hot.item() == pytest.approx(hard.item(), abs=1e-6)
+    assert one_hot.item() == pytest.approx(hard.item(), rel=1e-5, abs=1e-6)
 
 
 def test_batch_size_one():
@@ -295,7 +295,8 @@ def test_isats_loss_is_ats_with_chosen_per_sample_tau():
     torch.testing.assert_close(zs.grad.double(), zs64.grad, atol=1e-5, rtol=0)
     # one candidate: isats is ats
     one = create_loss("isats", tau_correct=4.0, tau_wrong_candidates=[2.0])(zs, zt, y)
-    assert one["loss"].item() == pytest.approx(create_loss("ats", tau_wrong=2.0)(zs, zt, y)["loss"].item())
+    ats = create_loss("ats", tau_wrong=2.0)(zs, zt, y)
+    assert one["loss"].item() == pytest.approx(ats["loss"].item(), rel=1e-5)
 
 
 def test_isats_candidate_grid():

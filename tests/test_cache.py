@@ -1,4 +1,5 @@
-"""Teacher-output cache (timm_kd.cache): top-k compression, view replay, build, resume, cached training."""
+"""Teacher-output cache (timm_kd.cache, engine.build_teacher_cache): top-k compression, view replay, build,
+resume, CachedTeacher and cached training."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import timm_kd.cli
 from timm_kd import cache as C
 from timm_kd import data as D
 from timm_kd import engine
+from timm_kd.cache.logits import _fill_tail
+from timm_kd.engine import setup as engine_setup
 from timm_kd.losses import is_loss
 
 BUILTIN_LOSSES = ["ats", "dist", "dkd", "dtkd", "isats", "kd", "lskd"]
@@ -74,7 +77,7 @@ def _assert_same_cache(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cache") / "c"
-    C.build_teacher_cache(CONFIG, out, **BUILD)
+    engine.build_teacher_cache(CONFIG, out, **BUILD)
     return out
 
 
@@ -179,7 +182,7 @@ def test_fill_tail_holds_the_cap_keeps_the_mass_and_stays_finite_when_every_entr
     cap = torch.tensor([[0.5], [0.0]])
     # row 0: room below the cap; row 1: the mass is exactly 4 entries at the cap (all held)
     tail = torch.tensor([[1.2], [math.log(4.0)]])
-    out = C._fill_tail(shape, tail, cap)
+    out = _fill_tail(shape, tail, cap)
     dropped = out[:, :4]
     assert torch.isfinite(dropped).all() and (dropped <= cap).all()
     assert torch.allclose(dropped.logsumexp(1, keepdim=True), tail, atol=1e-5)
@@ -251,8 +254,8 @@ def test_replayed_views_equal_the_transform_under_the_same_seed():
     for i in range(4):
         image = images[i]["image"].convert("RGB")
         for seed in range(6):
-            expected = D._seeded_transform(tf, image, seed)
-            pixels, params = D._seeded_transform(replay, image, seed)
+            expected = D.seeded_transform(tf, image, seed)
+            pixels, params = D.seeded_transform(replay, image, seed)
             assert torch.equal(pixels, expected)
             again, same = replay.replay(image, params)  # no RNG involved
             assert torch.equal(again, expected) and same == params
@@ -311,12 +314,12 @@ def test_fast_row_reader_gives_the_datasets_rows_and_pickles_for_workers(built):
 def test_replayed_pixels_are_the_teachers_and_the_online_runs(built):
     cache = C.TeacherCache(built)
     train = D.load_image_dataset("embedded", "train", embedded_kwargs=CONFIG.embedded_kwargs)
-    student = engine._create_student(CONFIG, 100)
+    student = engine_setup._create_student(CONFIG, 100)
     dc = D.resolve_model_data_config(
-        student, dataset_name="embedded", **engine._data_config_overrides(CONFIG)
+        student, dataset_name="embedded", **engine_setup._data_config_overrides(CONFIG)
     )
     tf = D.create_timm_transform(
-        dc, is_training=True, dataset_name="embedded", **engine._train_aug_kwargs(CONFIG)
+        dc, is_training=True, dataset_name="embedded", **engine_setup._train_aug_kwargs(CONFIG)
     )
     cache.check(CONFIG, train, 100, tf)
     replayed = cache.dataset(train, tf, seed=CONFIG.seed)
@@ -338,7 +341,7 @@ def test_stored_logits_are_the_teachers_on_the_replayed_pixels(tmp_path):
     net = timm.create_model("test_resnet", num_classes=100)  # a given teacher module
     out = tmp_path / "c"
     small = {"num_train": 12, "num_test": 20}
-    C.build_teacher_cache(
+    engine.build_teacher_cache(
         dataclasses.replace(CONFIG, embedded_kwargs=small), out, num_views=1, top_k=7, teacher=net
     )
     cache = C.TeacherCache(out)
@@ -375,7 +378,8 @@ def test_cached_training_runs_every_loss_without_a_teacher(built, tmp_path, monk
     def no_teacher(*args, **kwargs):
         raise AssertionError("a teacher network was built during cached training")
 
-    monkeypatch.setattr(timm_kd.wrapper.DistillWrapper, "__init__", no_teacher)
+    monkeypatch.setattr(timm_kd.teacher.Teacher, "__init__", no_teacher)
+    monkeypatch.setattr(timm_kd.wrapper, "create_teacher_model", no_teacher)
     res = engine.fit(
         dataclasses.replace(
             CONFIG, method=name, teacher_cache=str(built), output_dir=str(tmp_path / name), max_train_steps=2
@@ -386,25 +390,38 @@ def test_cached_training_runs_every_loss_without_a_teacher(built, tmp_path, monk
     assert math.isfinite(train["loss"]) and train["loss"] > 0
 
 
-def test_cached_wrapper_rebuilds_the_tail_from_the_prior_unless_told_flat(built):
-    import timm
-
-    cache = C.TeacherCache(built)
-    rows = cache.rows[:8]
+def _cache_columns(cache: C.TeacherCache, n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The first ``n`` rows' ``teacher_*`` columns, as a cached batch carries them, and their labels."""
+    rows = cache.rows[:n]
     keys = {
         "teacher_values": torch.as_tensor(rows["values"]).half(),
         "teacher_indices": torch.as_tensor(rows["indices"]).short(),
         "teacher_lse": torch.as_tensor(rows["lse"]),
         "teacher_tail_lse": torch.as_tensor(rows["tail_lse"]),
     }
-    images, target = torch.randn(8, 3, 32, 32), torch.as_tensor(rows["label"])
+    return keys, torch.as_tensor(rows["label"])
+
+
+def test_cached_teacher_rebuilds_the_tail_from_the_prior_unless_told_flat(built):
+    import timm
+
+    cache = C.TeacherCache(built)
+    keys, target = _cache_columns(cache, 8)
+    images = torch.randn(8, 3, 32, 32)
     outs = {}
     for tail in ("prior", "flat"):
+        teacher = C.CachedTeacher(cache, tail=tail)
+        assert (teacher.tail_prior is not None) == (tail == "prior")
+        assert teacher.num_classes == 100 and teacher.name == "test_resnet" and teacher.cache is cache
         student = timm.create_model("test_resnet", num_classes=100)
-        wrapper = C.CachedDistill(student, "kd", 100, cache=cache, tail=tail)
-        assert (wrapper.tail_prior is not None) == (tail == "prior")
-        assert "tail_prior" not in wrapper.state_dict()  # a property of the cache, not saved with the student
-        outs[tail] = wrapper(images, target, **keys)["teacher_output"]
+        wrapper = timm_kd.DistillWrapper(student, teacher, loss="kd")
+        assert wrapper.teacher is teacher and wrapper.teacher_input_keys == C.TEACHER_KEYS
+        assert not any(k.startswith("teacher") for k in wrapper.state_dict())  # the cache is not saved
+        out = wrapper(images, target, **keys)
+        assert torch.equal(out["teacher_output"], teacher(**keys))  # the images are not read
+        expected = wrapper.loss_fn(out["output"], out["teacher_output"], target)["loss"]
+        assert torch.allclose(out["loss"], expected)
+        outs[tail] = out["teacher_output"]
     kept = torch.zeros(8, 100, dtype=torch.bool).scatter_(1, keys["teacher_indices"].long(), True)
     assert torch.equal(outs["prior"][kept], outs["flat"][kept])
     flat_tail = outs["flat"].masked_fill(kept, float("nan"))
@@ -415,7 +432,70 @@ def test_cached_wrapper_rebuilds_the_tail_from_the_prior_unless_told_flat(built)
         mass = out.masked_fill(kept, float("-inf")).logsumexp(1)
         assert torch.allclose(mass, keys["teacher_tail_lse"], atol=1e-4)
     with pytest.raises(ValueError, match="tail must be one of"):
-        C.CachedDistill(timm.create_model("test_resnet", num_classes=100), "kd", 100, cache=cache, tail="x")
+        C.CachedTeacher(cache, tail="x")
+    assert C.CachedTeacher(str(built)).cache.root == built  # a folder is opened
+
+
+def test_cached_teacher_prior_follows_the_wrapper_and_refuses_what_does_not_fit(built):
+    import timm
+
+    teacher = C.CachedTeacher(built)
+    wrapper = timm_kd.DistillWrapper(timm.create_model("test_resnet", num_classes=100), teacher, loss="kd")
+    assert "CachedTeacher(name='test_resnet'" in repr(wrapper)
+    wrapper.train()
+    assert not teacher.training
+    with pytest.raises(TypeError, match="teacher_values"):  # a cached teacher needs its columns
+        wrapper(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+    wrapper.half()  # the prior stays float32: log-probabilities rounded to fp16 would move the tail
+    assert teacher.tail_prior.dtype == torch.float32
+    wrapper.to("meta")  # a device move reaches it (the teacher is not a submodule: _apply forwards it)
+    assert teacher.tail_prior.device.type == "meta" and teacher.tail_prior.dtype == torch.float32
+    with pytest.raises(ValueError, match="'test_resnet' predicts 100 classes but the student predicts 10"):
+        timm_kd.DistillWrapper(timm.create_model("test_resnet", num_classes=10), C.CachedTeacher(built))
+    student = timm.create_model("test_resnet", num_classes=100)
+    with pytest.raises(ValueError, match="class_map does not apply to a CachedTeacher"):
+        timm_kd.DistillWrapper(student, C.CachedTeacher(built), class_map=list(range(100)))
+    with pytest.raises(ValueError, match=r"tail_prior must be \[C, C\] = \[100, 100\]"):
+        C.CachedTeacher.from_prior(100, torch.zeros(10, 10))
+    flat = C.CachedTeacher.from_prior(100, teacher.tail_prior, tail="flat")
+    assert flat.tail_prior is None and flat.cache is None
+
+
+def test_cached_teacher_with_every_logit_gives_the_live_teachers_loss(tmp_path):
+    """k = C: the cache holds every logit (fp16), so the cached wrapper's loss and gradient are the live
+    wrapper's up to that rounding, on the same replayed views."""
+    import timm
+
+    net = timm.create_model("test_resnet", num_classes=100)
+    small = {"num_train": 12, "num_test": 20}
+    out = tmp_path / "c"
+    engine.build_teacher_cache(
+        dataclasses.replace(CONFIG, embedded_kwargs=small), out, num_views=1, top_k=100, teacher=net
+    )
+    cache = C.TeacherCache(out)
+    assert cache.tail_prior is None  # k = C: nothing dropped, no prior
+    dc = cache.manifest["data_config"]
+    train = D.load_image_dataset("embedded", "train", embedded_kwargs=small)
+    tf = D.create_timm_transform(dc, is_training=True, dataset_name="embedded", hflip=0.5, color_jitter=0.3)
+    batch = C.collate_cached([cache.dataset(train, tf, seed=CONFIG.seed)[(i, 0)] for i in range(12)])
+    images, target = batch["pixel_values"], batch["label"]
+    student = timm.create_model("test_resnet", num_classes=100)
+    live = timm_kd.DistillWrapper(student, net, loss="ats", data_config=dc, verbose=False)
+    cached = timm_kd.DistillWrapper(student, C.CachedTeacher(cache), loss="ats", verbose=False)
+    assert live.teacher_input_keys == ()
+    with pytest.raises(TypeError, match="a live teacher takes only the images"):
+        live(images, target, teacher_values=batch["teacher_values"])
+    results = []
+    for wrapper, inputs in ((live, {}), (cached, {k: batch[k] for k in cached.teacher_input_keys})):
+        student.zero_grad()
+        out = wrapper(images, target, epoch=5.0, **inputs)
+        out["loss"].backward()
+        grad = torch.cat([p.grad.flatten() for p in student.parameters()])
+        results.append((out["loss"].detach(), out["teacher_output"], grad))
+    (loss_a, z_a, g_a), (loss_b, z_b, g_b) = results
+    assert torch.allclose(z_b, z_a, atol=5e-3)  # fp16 rounding of the stored logits
+    assert torch.allclose(loss_b, loss_a, rtol=1e-3), (loss_a, loss_b)
+    assert float((g_b - g_a).norm() / g_a.norm()) < 1e-2
 
 
 def test_mismatched_or_incomplete_cache_is_refused(built, tmp_path):
@@ -442,7 +522,7 @@ def test_mismatched_or_incomplete_cache_is_refused(built, tmp_path):
         fit(teacher_cache=str(broken))
     # resuming a build with other settings is refused too
     with pytest.raises(ValueError, match="built with other settings .*top_k: cache 5, now 6"):
-        C.build_teacher_cache(CONFIG, broken, **{**BUILD, "top_k": 6})
+        engine.build_teacher_cache(CONFIG, broken, **{**BUILD, "top_k": 6})
 
 
 def test_resume_after_a_lost_shard_gives_the_same_cache(built, tmp_path):
@@ -455,7 +535,7 @@ def test_resume_after_a_lost_shard_gives_the_same_cache(built, tmp_path):
     (partial / "tail_prior.safetensors").unlink()  # only written when the build completes
     (partial / "data" / f".tmp-{m['shards'][1]}.123").write_bytes(b"half a shard")  # a killed writer
     done = {n: (partial / "data" / n).stat().st_mtime_ns for n in (m["shards"][0], m["shards"][2])}
-    C.build_teacher_cache(CONFIG, partial, **BUILD)
+    engine.build_teacher_cache(CONFIG, partial, **BUILD)
     assert {n: (partial / "data" / n).stat().st_mtime_ns for n in done} == done  # skipped, not rebuilt
     assert sorted(p.name for p in (partial / "data").iterdir()) == m["shards"]
     assert _rows(partial) == _rows(built)

@@ -29,7 +29,7 @@ def _pixels(ds: datasets.Dataset) -> np.ndarray:
 def test_digits_fast_path_matches_sklearn():
     from sklearn.datasets import load_digits
 
-    images, target = D._load_digits()
+    images, target = D.load_digits()
     digits = load_digits()
     np.testing.assert_allclose(images, digits.images / 16.0, atol=1e-7)
     np.testing.assert_array_equal(target, digits.target)
@@ -61,7 +61,7 @@ def test_embedded_is_deterministic_from_seed():
 
 
 def test_embedded_train_and_test_use_disjoint_digit_images():
-    _, target = D._load_digits()
+    _, target = D.load_digits()
     pools = D.embedded_source_pools(seed=0, num_source_digits=150)
     assert set(pools["train"]).isdisjoint(pools["test"])
     assert len(pools["train"]) == 150 and len(set(pools["train"])) == 150

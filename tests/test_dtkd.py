@@ -50,14 +50,14 @@ def test_golden_values(max_temp_ratio):
     loss = create_loss("dtkd", max_temp_ratio=max_temp_ratio)
     out = loss(s, t, y, epoch=5)
     assert out["loss"].item() == pytest.approx(GOLDEN_LOSS_EPOCH5, abs=1e-5)
-    assert out["dtkd"].item() == pytest.approx(GOLDEN_DTKD_TERM, abs=1e-6)
+    assert out["dtkd"].item() == pytest.approx(GOLDEN_DTKD_TERM, rel=1e-5, abs=1e-6)
     assert out["warmup"].item() == pytest.approx(0.25)
-    assert out["temp_teacher"].item() == pytest.approx(sum(GOLDEN_TEMP_TEACHER) / 3, abs=1e-6)
-    assert out["temp_student"].item() == pytest.approx(sum(GOLDEN_TEMP_STUDENT) / 3, abs=1e-6)
+    assert out["temp_teacher"].item() == pytest.approx(sum(GOLDEN_TEMP_TEACHER) / 3, rel=1e-5, abs=1e-6)
+    assert out["temp_student"].item() == pytest.approx(sum(GOLDEN_TEMP_STUDENT) / 3, rel=1e-5, abs=1e-6)
     assert loss(s, t, y, epoch=30)["loss"].item() == pytest.approx(GOLDEN_LOSS_EPOCH30, abs=1e-5)
     _, temp_t, temp_s = dtkd_term(s, t, 4.0, max_temp_ratio)
-    assert temp_t.tolist() == pytest.approx(GOLDEN_TEMP_TEACHER, abs=1e-6)
-    assert temp_s.tolist() == pytest.approx(GOLDEN_TEMP_STUDENT, abs=1e-6)
+    assert temp_t.tolist() == pytest.approx(GOLDEN_TEMP_TEACHER, rel=1e-5, abs=1e-6)
+    assert temp_s.tolist() == pytest.approx(GOLDEN_TEMP_STUDENT, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -79,8 +79,8 @@ def test_value_and_student_gradient_match_the_authors(seed, max_temp_ratio):
 
 def test_tied_maxima_send_the_temperature_gradient_to_the_first_one():
     """With tied student maxima the temperatures' gradient goes to the first maximum's column, as
-    ``torch.max(dim)`` in the authors' code sends it (the fused objective finds that column from the
-    shifted logits); a row of equal logits (a zero-initialised head) included."""
+    ``torch.max(dim)`` in the authors' code sends it; a row of equal logits (a zero-initialised head)
+    included."""
     s, t, y = positive_max_batch(6, 12, seed=5)
     s[:, [2, 7, 9]] = s.amax(-1, keepdim=True) + 0.5  # three-way ties at the maximum
     s[5] = 2.0  # every logit tied
@@ -137,23 +137,6 @@ def test_limit_temperatures_sum_to_2T_and_equal_sharpness():
     for ratio in (4.0, None):
         temp_t, temp_s = dtkd_temperatures(s.amax(-1) - 3.0, t.amax(-1), 4.0, ratio)
         torch.testing.assert_close(temp_t + temp_s, torch.full_like(temp_t, 8.0))
-
-
-@pytest.mark.parametrize("ratio", [4.0, None])
-def test_temperature_slope_is_the_autograd_derivative(ratio):
-    """``slope=True``'s closed form equals autograd through the guarded temperatures: inside the band,
-    where the clamp or the 1e-6 floor holds (slope 0), and at negative maxima."""
-    xs = torch.tensor([[2.0], [9.0], [0.05], [0.0], [-1.0], [5.0], [1e-7]], dtype=torch.float64)
-    xt = torch.tensor([[3.0], [4.0], [10.0], [10.0], [2.0], [-3.0], [1.0]], dtype=torch.float64)
-    leaf = xs.clone().requires_grad_(True)
-    temp_t, temp_s = dtkd_temperatures(leaf, xt, 4.0, ratio)
-    (auto_s,) = torch.autograd.grad(temp_s.sum(), leaf, retain_graph=True)
-    (auto_t,) = torch.autograd.grad(temp_t.sum(), leaf)
-    ref_t, ref_s, slope = dtkd_temperatures(xs, xt, 4.0, ratio, slope=True)
-    torch.testing.assert_close(slope, auto_s)
-    torch.testing.assert_close(-slope, auto_t)
-    torch.testing.assert_close((ref_t, ref_s), (temp_t.detach(), temp_s.detach()))
-    assert (slope[:2] > 0).all() and slope[3:5].eq(0).all()  # live in the band; floored maxima hold
 
 
 def test_limit_equal_maxima_give_plain_kd():
@@ -371,40 +354,3 @@ def test_short_schedule_from_a_fresh_student_authors_form_fails_guard_trains(one
     assert all(math.isfinite(v) for v in runs[4.0] + runs[None])
     assert last_guard < 0.5 * first_guard and acc_guard > 0.6  # trains; chance is 0.1
     assert last_none > 2 * last_guard and acc_none < acc_guard - 0.2  # unguarded stalls
-
-
-@pytest.mark.parametrize("max_temp_ratio", [4.0, None])
-@pytest.mark.parametrize("soft", [False, True])
-@pytest.mark.parametrize("clamped", [False, True])
-def test_fused_objective_gradcheck_float64(max_temp_ratio, soft, clamped):
-    """The one-Function objective (``_fused.dtkd_objective``) against finite differences, the gradient
-    through both temperatures included; ``clamped`` puts x_s far below x_t, where the guard holds them."""
-    from timm_kd.losses._fused import dtkd_objective
-
-    s, t, y = positive_max_batch(4, 6, seed=12)
-    if clamped:
-        s, t = s - s.amax(-1, keepdim=True) + 0.2, t * 3
-    target = torch.softmax(torch.randn(4, 6, dtype=torch.float64), -1) if soft else None
-    t_max = t.amax(-1, keepdim=True)
-
-    def objective(z):
-        temps = lambda xs: dtkd_temperatures(xs, t_max, 4.0, max_temp_ratio, slope=True)  # noqa: E731
-        return dtkd_objective(z, t, y, target, 4.0, 0.7, 0.5, 3.0, temps)[0]
-
-    assert torch.autograd.gradcheck(objective, (s.requires_grad_(True),))
-
-
-def test_fused_objective_matches_the_separate_terms():
-    from timm_kd.losses._fused import dtkd_objective
-
-    s, t, y = positive_max_batch(8, 30, seed=13)
-    t_max = t.amax(-1, keepdim=True)
-    loss, ce, kd, dtkd, temp_t, temp_s = dtkd_objective(
-        s, t, y, None, 4.0, 1.0, 1.0, 3.0, lambda xs: dtkd_temperatures(xs, t_max, 4.0, slope=True)
-    )
-    term, ref_t, ref_s = ref_dtkd_terms(s, t, 4.0)
-    assert dtkd.item() == pytest.approx(term.item(), abs=1e-10)
-    assert kd.item() == pytest.approx(ref_kd(s, t, 4.0).item(), abs=1e-10)
-    torch.testing.assert_close(temp_t, ref_t)
-    torch.testing.assert_close(temp_s, ref_s)
-    assert loss.item() == pytest.approx((ce + kd + 3.0 * dtkd).item(), abs=1e-10)

@@ -303,13 +303,13 @@ def test_loader_settings_follow_the_flags_and_the_device():
     args = parser.parse_args(["--num-workers", "3", "--no-persistent-workers", "--prefetch-factor", "4"])
     config = engine.config_from_args(args)
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    kw = engine._loader_kwargs(config, cpu)
+    kw = engine.setup._loader_kwargs(config, cpu)
     assert kw == {"num_workers": 3, "pin_memory": False, "persistent_workers": False, "prefetch_factor": 4}
-    assert engine._loader_kwargs(config, cuda)["pin_memory"] is True  # auto: pinned on CUDA only
+    assert engine.setup._loader_kwargs(config, cuda)["pin_memory"] is True  # auto: pinned on CUDA only
     forced = engine.config_from_args(parser.parse_args(["--no-pin-memory"]))
-    assert engine._loader_kwargs(forced, cuda)["pin_memory"] is False
-    assert engine._loader_kwargs(forced, cpu)["persistent_workers"] is True  # the default
-    assert "prefetch_factor" not in engine._loader_kwargs(forced, cpu)  # torch's default
+    assert engine.setup._loader_kwargs(forced, cuda)["pin_memory"] is False
+    assert engine.setup._loader_kwargs(forced, cpu)["persistent_workers"] is True  # the default
+    assert "prefetch_factor" not in engine.setup._loader_kwargs(forced, cpu)  # torch's default
     with pytest.raises(ValueError, match="--prefetch-factor must be >= 1"):
         engine.check_config(dataclasses.replace(config, prefetch_factor=0))
     with pytest.raises(ValueError, match="--num-workers must be >= 0"):
@@ -360,10 +360,10 @@ def test_ats_temperature_flip_warning_is_logged_once_and_names_the_fix():
         config=SimpleNamespace(method="ats", loss_kwargs={"tau_correct": 4.0, "tau_wrong": 3.0}),
         log=lines.append,
     )
-    engine._warn_target_flip(run, None)  # losses without the term (kd, dtkd, ...)
-    engine._warn_target_flip(run, engine.TARGET_FLIP_WARNING)  # at the threshold: fine
+    engine.loop._warn_target_flip(run, None)  # losses without the term (kd, dtkd, ...)
+    engine.loop._warn_target_flip(run, engine.TARGET_FLIP_WARNING)  # at the threshold: fine
     assert lines == []
-    engine._warn_target_flip(run, 0.2)
-    engine._warn_target_flip(run, 0.3)
+    engine.loop._warn_target_flip(run, 0.2)
+    engine.loop._warn_target_flip(run, 0.3)
     assert len(lines) == 1
     assert "20.0 %" in lines[0] and "tau_wrong=3.0" in lines[0] and "suggest_ats_temperatures" in lines[0]

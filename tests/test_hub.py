@@ -28,12 +28,16 @@ import torch
 from _hub_server import StandInHub, git_blob_oid
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import _http as hf_http
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 
 import timm_kd
 from timm_kd import hub as kd_hub
 from timm_kd.cli import main as cli_main
 from timm_kd.hub import HubPushError, create_model_card, push_to_hub, save_pretrained, validate_repo_id
+from timm_kd.hub import push as kd_push
+from timm_kd.losses import LossCard, create_loss, get_loss_card, register_loss
+from timm_kd.losses._registry import _loss_cards, _loss_entrypoints, _loss_to_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_" + secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
@@ -72,6 +76,15 @@ def _student(name: str = "test_resnet", **kwargs) -> torch.nn.Module:
 
 def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _assert_same_weights(a: torch.nn.Module | dict, b: torch.nn.Module) -> None:
+    """Bit-identical state dicts (the weights travel unchanged); outputs are compared at float32
+    tolerance, since CPU kernels may sum in another order with another thread count."""
+    sa = a if isinstance(a, dict) else a.state_dict()
+    sb = b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _repo() -> str:
@@ -160,7 +173,7 @@ def test_validate_repo_id_names_problem_and_fix(repo_id, hint):
 
 def test_invalid_repo_id_refused_before_any_work(online, monkeypatch, tmp_path, capfd):
     calls = []
-    monkeypatch.setattr(kd_hub, "save_pretrained", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(kd_push, "save_pretrained", lambda *a, **k: calls.append(a))
     n = len(online.requests)
     with pytest.raises(ValueError, match="no namespace"):
         push_to_hub(_student(), "just-a-name", token=TOKEN)
@@ -210,9 +223,10 @@ def test_config_is_timms_format_without_default_tag_leftovers(tmp_path):
 
     # plain timm rebuilds the same network from the folder, with the real preprocessing
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    _assert_same_weights(loaded, student)
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), student(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), student(x), rtol=1e-5, atol=1e-5)
     data = timm.data.resolve_model_data_config(loaded)
     assert data["input_size"] == (3, 64, 64) and data["interpolation"] == "bilinear"
     assert tuple(data["mean"]) == (0.5, 0.4, 0.3) and data["crop_pct"] == 0.9
@@ -226,9 +240,10 @@ def test_model_args_recreate_a_resized_vit(tmp_path):
     assert config["model_args"]["img_size"] == [64, 64] and config["global_pool"] == "token"
     assert config["pretrained_cfg"]["input_size"] == [3, 64, 64]  # the size it runs at, not the tag's 160
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    _assert_same_weights(loaded, student)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), student(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), student(x), rtol=1e-5, atol=1e-5)
 
 
 def test_wrapped_student_is_unwrapped(tmp_path):
@@ -268,7 +283,7 @@ def test_folder_is_written_atomically(tmp_path, monkeypatch):
         Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(kd_hub, "save_file", crash)
+    monkeypatch.setattr(kd_push, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(_student("test_resnet"), folder, **{**META, "epochs": 99})
     assert _digest(folder) == before  # the previous save is untouched
@@ -351,6 +366,55 @@ def test_card_cites_the_method(method, kwargs, arxiv):
     assert "PyTorch Image Models" in bib[-1]
 
 
+PLUGIN_BIBTEX = """@article{doe2099pkd,
+  title   = {Plug-in Knowledge Distillation},
+  author  = {Doe, Jane},
+  journal = {Journal of Tests},
+  year    = {2099},
+  eprint  = {2099.00001}
+}"""
+
+
+def test_card_of_a_plugin_loss_uses_its_registered_card():
+    config = {"architecture": "test_resnet", "num_classes": 5, "pretrained_cfg": {"input_size": [3, 64, 64]}}
+    facts = LossCard(
+        title="Plug-in Knowledge Distillation (PKD)",
+        paper="Doe, J. Tests 2099",
+        summary="The student matched a plug-in target.",
+        arxiv="2099.00001",
+        cites=("doe2099pkd", "hinton2015distilling"),
+        bibtex=PLUGIN_BIBTEX,
+    )
+
+    def factory(**kwargs):
+        return create_loss("kd", **kwargs)
+
+    try:
+        register_loss("_test_pkd", card=facts)(factory)
+        register_loss("_test_no_card")(factory)
+        assert get_loss_card("_test_pkd") is facts
+        text = create_model_card(config, method="_test_pkd").text
+        method_text = "Plug-in Knowledge Distillation (PKD) (Doe, J. Tests 2099, arXiv:2099.00001)"
+        assert f"**Distillation method:** {method_text}" in text
+        assert "The student matched a plug-in target." in text
+        assert "[arXiv:2099.00001](https://arxiv.org/abs/2099.00001)" in text
+        assert "with Plug-in Knowledge Distillation (timm-kd)" in text
+        bib = re.findall(r"```bibtex\n(.*?)```", text, re.S)
+        assert bib[0].strip() == PLUGIN_BIBTEX  # the plug-in's own entry, first
+        assert "@misc{hinton2015distilling," in bib[1] and "PyTorch Image Models" in bib[-1]
+        assert len(bib) == 3
+        for method in ("_test_no_card", "not_installed_kd"):  # no card, or not registered here
+            text = create_model_card(config, method=method).text
+            assert f"**Distillation method:** {method}" in text and f"Loss: `{method}`." in text
+            assert "arxiv.org" not in text
+            bib = re.findall(r"```bibtex\n(.*?)```", text, re.S)
+            assert len(bib) == 1 and "PyTorch Image Models" in bib[0]
+    finally:
+        for key in ("_test_pkd", "_test_no_card"):
+            for table in (_loss_entrypoints, _loss_to_module, _loss_cards):
+                table.pop(key, None)
+
+
 @pytest.mark.parametrize(
     "teacher, revision, meta_id, shown",
     [
@@ -417,6 +481,7 @@ def test_push_then_plain_timm_loads_from_hub_and_from_offline_cache(online, tmp_
     assert f"Bearer {TOKEN}" in hub.auth  # the token was used ...
     assert not any(TOKEN.encode() in data for c in r.commits for data in c.files.values())  # ... not stored
 
+    _assert_same_weights(safetensors_load(r.head.files["model.safetensors"]), student)  # pushed unchanged
     x = torch.randn(4, 3, 64, 64)
     save_file({"x": x}, tmp_path / "x.safetensors")
     with torch.no_grad():
@@ -430,7 +495,7 @@ def test_push_then_plain_timm_loads_from_hub_and_from_offline_cache(online, tmp_
            "HF_HUB_CACHE": str(home / "hub")}
     res = _timm_only(_LOAD_SCRIPT, env, f"hf-hub:{repo}", tmp_path / "x.safetensors", tmp_path / "out1.st",
                      card_code, cwd=tmp_path)
-    torch.testing.assert_close(load_file(tmp_path / "out1.st")["out"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(load_file(tmp_path / "out1.st")["out"], expected, rtol=1e-5, atol=1e-5)
     assert f"CFG (3, 64, 64) {LABELS}" in res.stdout
     top = re.findall(r"^(\w+): ([0-9.]+)%$", res.stdout, re.M)  # the card's usage code printed a top-5
     assert len(top) == 5 and {name for name, _ in top} == set(LABELS)
@@ -449,7 +514,7 @@ def test_push_then_plain_timm_loads_from_hub_and_from_offline_cache(online, tmp_
     n = len(hub.requests)
     _timm_only(_LOAD_SCRIPT, env, f"hf-hub:{repo}", tmp_path / "x.safetensors", tmp_path / "out2.st",
                cwd=tmp_path)
-    torch.testing.assert_close(load_file(tmp_path / "out2.st")["out"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(load_file(tmp_path / "out2.st")["out"], expected, rtol=1e-5, atol=1e-5)
     assert len(hub.requests) == n
 
 

@@ -24,11 +24,11 @@ def test_defaults_are_mdistillers_cifar100_kd():
 def test_golden_values():
     s, t, y = fixed_batch(torch.float32)
     out = create_loss("kd")(s, t, y)
-    assert out["ce"].item() == pytest.approx(GOLDEN_CE, abs=1e-6)
-    assert out["kd"].item() == pytest.approx(GOLDEN_KD_T4, abs=1e-6)
-    assert out["loss"].item() == pytest.approx(0.1 * GOLDEN_CE + 0.9 * GOLDEN_KD_T4, abs=1e-6)
+    assert out["ce"].item() == pytest.approx(GOLDEN_CE, rel=1e-5, abs=1e-6)
+    assert out["kd"].item() == pytest.approx(GOLDEN_KD_T4, rel=1e-5, abs=1e-6)
+    assert out["loss"].item() == pytest.approx(0.1 * GOLDEN_CE + 0.9 * GOLDEN_KD_T4, rel=1e-5, abs=1e-6)
     out1 = create_loss("kd", tau=1.0, ce_weight=0.5, kd_weight=0.5)(s, t, y)
-    assert out1["loss"].item() == pytest.approx(0.5 * GOLDEN_CE + 0.5 * GOLDEN_KD_T1, abs=1e-6)
+    assert out1["loss"].item() == pytest.approx(0.5 * GOLDEN_CE + 0.5 * GOLDEN_KD_T1, rel=1e-5, abs=1e-6)
 
 
 def test_golden_constants_come_from_the_reference():
@@ -87,8 +87,9 @@ def test_equals_timm_logit_distillation_task():
     x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
     timm_out = task(x, y)
     ours = create_loss("kd", tau=4.0, ce_weight=0.1, kd_weight=0.9)(seen["student"], seen["teacher"], y)
-    assert ours["kd"].item() == pytest.approx(timm_out["kd_loss"].item(), rel=1e-6, abs=1e-7)
-    assert ours["loss"].item() == pytest.approx(timm_out["loss"].item(), rel=1e-6, abs=1e-7)
+    # two float32 computations by different kernels: float32 tolerance
+    assert ours["kd"].item() == pytest.approx(timm_out["kd_loss"].item(), rel=1e-5, abs=1e-7)
+    assert ours["loss"].item() == pytest.approx(timm_out["loss"].item(), rel=1e-5, abs=1e-7)
 
 
 def test_logit_standardize_option_is_kd_on_zscored_logits():
@@ -134,41 +135,3 @@ def test_bad_inputs_fail_with_the_fix():
         loss(s.clone().index_fill_(0, torch.tensor([1]), float("nan")), t, y)
     with pytest.raises(FloatingPointError, match="teacher_logits contain NaN or inf"):
         loss(s, t.clone().index_fill_(0, torch.tensor([2]), float("inf")), y)
-
-
-@pytest.mark.parametrize("tau", [1.0, 3.0])
-@pytest.mark.parametrize("soft", [False, True])
-@pytest.mark.parametrize("standardize", [False, True])
-@pytest.mark.parametrize("kl", [False, True])
-def test_fused_objective_gradcheck_float64(tau, soft, standardize, kl):
-    """The fused CE + soft-target Function (``_fused.py``): its closed-form backward against finite
-    differences, for KL (kd) and soft cross-entropy (ats), hard and soft labels, raw and z-scored logits."""
-    from timm_kd.losses._fused import soft_target_objective
-
-    s, t, y = random_batch(4, 6, seed=5)
-    p, log_p = torch.softmax(t / 2.0, -1), torch.log_softmax(t / 2.0, -1)
-    target = torch.softmax(torch.randn(4, 6, dtype=torch.float64), -1) if soft else None
-    eps = 1e-7 if standardize else None
-
-    def objective(z):
-        h = (p * log_p).sum(-1) if kl else None  # <p, log p>: KL instead of soft cross-entropy
-        return soft_target_objective(z, y, target, p, tau, 0.3, 0.7, h, eps)[0]
-
-    assert torch.autograd.gradcheck(objective, (s.requires_grad_(True),))
-
-
-def test_fused_objective_value_matches_separate_terms():
-    from timm_kd.losses._fused import soft_target_objective
-
-    s, t, y = random_batch(8, 20, seed=6)
-    p = torch.softmax(t / 3.0, -1)
-    h = (p * torch.log_softmax(t / 3.0, -1)).sum(-1)
-    loss, ce, kd = soft_target_objective(s, y, None, p, 3.0, 0.25, 0.75, h)
-    assert ce.item() == pytest.approx(ref_cross_entropy(s, y).item(), abs=1e-12)
-    assert kd.item() == pytest.approx(ref_kd(s, t, 3.0).item(), abs=1e-12)
-    assert loss.item() == pytest.approx(0.25 * ce.item() + 0.75 * kd.item(), abs=1e-12)
-    # z-scored student logits (folded into the Function) against the reference z-score
-    zt = ref_standardize(t)
-    p_std, log_p_std = torch.softmax(zt / 3.0, -1), torch.log_softmax(zt / 3.0, -1)
-    _, _, kd_std = soft_target_objective(s, y, None, p_std, 3.0, 0.0, 1.0, (p_std * log_p_std).sum(-1), 1e-7)
-    assert kd_std.item() == pytest.approx(ref_kd(ref_standardize(s), zt, 3.0).item(), abs=1e-10)

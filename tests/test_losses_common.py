@@ -120,25 +120,3 @@ def test_nan_and_shape_mismatch_named(name):
         create_loss(name)(s, bad, y, epoch=EPOCH)
     with pytest.raises(ValueError, match="does not match student_logits"):
         create_loss(name)(s, t[:, :7], y, epoch=EPOCH)
-
-
-def test_first_argmax_is_torch_argmax_ties_included():
-    """``_fused.first_argmax`` (soft-target labels) and ``first_max_index_`` (DTKD's student maximum)
-    return ``torch.argmax``'s first maximum: on random rows, on mixup rows tied at lambda = 0.5, on
-    constant rows, at large magnitudes; a NaN row gives an index in range instead of garbage."""
-    from timm_kd.losses._fused import first_argmax, first_max_index_
-
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(64, 1000, generator=g) * 5
-    onehot = torch.nn.functional.one_hot
-    a, b = torch.randint(0, 1000, (64,), generator=g), torch.randint(0, 1000, (64,), generator=g)
-    mix = 0.5 * onehot(a, 1000).float() + 0.5 * onehot(b, 1000).float()  # ties where a != b
-    const = torch.full((8, 1000), 3.0)
-    for x in (z, z * 1e4 - 7e5, mix, const, torch.rand(5, 37)):
-        torch.testing.assert_close(first_argmax(x), x.argmax(dim=1), rtol=0, atol=0)
-        d = x - x.amax(dim=1, keepdim=True)
-        torch.testing.assert_close(first_max_index_(d, torch.empty_like(d)).squeeze(1), x.argmax(dim=1))
-    bad = z[:3].clone()
-    bad[1, 10] = float("nan")
-    idx = first_argmax(bad)
-    assert idx[0] == z[0].argmax() and idx[2] == z[2].argmax() and 0 <= idx[1] < 1000

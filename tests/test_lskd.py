@@ -35,7 +35,7 @@ def test_golden_values():
     expected = ref_kd(ref_standardize(s), ref_standardize(t), 2.0)
     assert expected.item() == pytest.approx(GOLDEN_KD_T2_STANDARDIZED)
     out = create_loss("lskd")(s.float(), t.float(), y)
-    assert out["kd"].item() == pytest.approx(GOLDEN_KD_T2_STANDARDIZED, abs=1e-6)
+    assert out["kd"].item() == pytest.approx(GOLDEN_KD_T2_STANDARDIZED, rel=1e-5, abs=1e-6)
     assert out["loss"].item() == pytest.approx(GOLDEN_LOSS, abs=1e-5)
 
 
@@ -43,7 +43,7 @@ def test_is_kd_with_logit_standardize():
     s, t, y = random_batch(16, 50, seed=2, dtype=torch.float32)
     a = create_loss("lskd")(s, t, y)
     b = create_loss("kd", tau=2.0, ce_weight=0.1, kd_weight=9.0, logit_standardize=True)(s, t, y)
-    for k in ("loss", "ce", "kd"):
+    for k in ("loss", "ce", "kd"):  # the same code on the same inputs in one process: bit-identical
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 

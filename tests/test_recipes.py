@@ -90,7 +90,11 @@ def test_two_processes_report_what_the_gathered_predictions_say_and_push(tmp_pat
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=student))
     images = torch.stack([transform(im) for im in make_embedded_dataset("test", num_test=101)["image"]])
     with torch.no_grad():
-        assert torch.equal(student(images).argmax(-1), pred["topk"][:, 0])
+        logits = student(images)
+    # its top-1 is the class evaluated: float32 at float32 tolerance (batches of another size may
+    # round differently, so a near-tie may be ranked the other way)
+    chosen = logits.gather(1, pred["topk"][:, :1]).squeeze(1)
+    torch.testing.assert_close(chosen, logits.max(-1).values, rtol=1e-5, atol=1e-5)
     # pushed once, by the main process, with the card
     assert {"config.json", "model.safetensors", "README.md"} <= set(pushed)
     assert b"test_resnet" in pushed["README.md"]

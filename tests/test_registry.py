@@ -1,17 +1,38 @@
 """The loss registry: register, create, list, helpful errors, and third-party plug-ins."""
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import timm_kd
-from timm_kd.losses import ENTRY_POINT_GROUP, create_loss, is_loss, list_losses, register_loss
-from timm_kd.losses._base import DistillLoss
-from timm_kd.losses._registry import _loss_entrypoints, _loss_to_module
+from timm_kd.losses import (
+    ENTRY_POINT_GROUP,
+    DistillLoss,
+    LossCard,
+    create_loss,
+    get_loss_card,
+    is_loss,
+    list_losses,
+    register_loss,
+)
+from timm_kd.losses._registry import _loss_cards, _loss_entrypoints, _loss_to_module
 
 BUILTIN = {"kd", "ats", "isats", "dtkd", "dkd", "dist", "lskd"}
+#: each built-in loss's own paper: the first BibTeX key of its card
+PRIMARY_KEY = {
+    "kd": "hinton2015distilling",
+    "ats": "li2022ats",
+    "isats": "fan2024isats",
+    "dtkd": "wei2024dtkd",
+    "dkd": "zhao2022dkd",
+    "dist": "huang2022dist",
+    "lskd": "sun2024lskd",
+}
+CITATIONS = Path(__file__).resolve().parents[1] / "model_cards" / "citations.bib"
 
 
 def test_builtins_registered_and_created_by_name():
@@ -47,8 +68,49 @@ def test_unknown_name_lists_known_and_suggests_close_match():
 def test_kwargs_reach_the_loss():
     loss = create_loss("kd", tau=2.0, ce_weight=0.3, kd_weight=0.7)
     assert (loss.tau, loss.ce_weight, loss.kd_weight) == (2.0, 0.3, 0.7)
-    with pytest.raises(TypeError):
-        create_loss("kd", not_a_param=1)
+
+
+def test_unknown_keyword_names_the_loss_and_its_parameters():
+    with pytest.raises(ValueError) as e:
+        create_loss("ats", tau_wrnog=2.0, compile=True)
+    msg = str(e.value)
+    assert "'ats'" in msg and "'tau_wrnog'" in msg and "did you mean 'tau_wrong'" in msg
+    for param in ("tau_correct", "tau_wrong", "student_tau", "kd_weight", "logit_standardize"):
+        assert param in msg
+
+
+def test_every_builtin_has_a_card_citing_known_keys():
+    known = set(re.findall(r"^@\w+\{([^,\s]+),", CITATIONS.read_text(), flags=re.M))
+    for name in BUILTIN:
+        card = get_loss_card(name)
+        assert isinstance(card, LossCard), name
+        assert card.title and card.paper and card.summary and card.arxiv, name
+        assert card.cites[0] == PRIMARY_KEY[name], name
+        assert set(card.cites) <= known, (name, set(card.cites) - known)
+    with pytest.raises(ValueError, match="unknown loss 'atss'"):
+        get_loss_card("atss")
+
+
+def test_card_given_at_registration_is_returned():
+    def factory(**kwargs):
+        return create_loss("kd", **kwargs)
+
+    facts = {"title": "Test KD", "paper": "Nobody, 2099", "summary": "The student was tested.",
+             "cites": ["nobody2099test"], "bibtex": "@misc{nobody2099test, title={Test}}"}
+    try:
+        register_loss("_test_with_card", card=facts)(factory)
+        register_loss("_test_without_card")(factory)
+        card = get_loss_card("_test_with_card")
+        assert card == LossCard(**{**facts, "cites": ("nobody2099test",)})
+        assert get_loss_card("_test_without_card") is None
+        with pytest.raises(ValueError, match="unknown LossCard field"):
+            register_loss("_test_bad_card", card={**facts, "venue": "x"})
+        with pytest.raises(ValueError, match="title"):
+            LossCard(title="", paper="p", summary="s")
+    finally:
+        for key in ("_test_with_card", "_test_without_card"):
+            for table in (_loss_entrypoints, _loss_to_module, _loss_cards):
+                table.pop(key, None)
 
 
 def test_register_decorator_and_duplicate_name():
@@ -70,8 +132,8 @@ def test_register_decorator_and_duplicate_name():
             register_loss("_test_twice_ce")(type("Other", (DistillLoss,), {}))
         register_loss("_test_twice_ce", overwrite=True)(TwiceCE)  # explicit replacement is allowed
     finally:
-        _loss_entrypoints.pop("_test_twice_ce", None)
-        _loss_to_module.pop("_test_twice_ce", None)
+        for table in (_loss_entrypoints, _loss_to_module, _loss_cards):
+            table.pop("_test_twice_ce", None)
 
 
 @pytest.mark.slow

@@ -116,7 +116,7 @@ def _add_push(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_list_losses(args: argparse.Namespace) -> int:
-    from . import list_losses
+    from .losses import list_losses
 
     for name in list_losses(args.filter):
         print(name)
@@ -139,8 +139,7 @@ def _add_list_losses(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
-    from .cache import build_teacher_cache
-    from .engine import config_from_args
+    from .engine import build_teacher_cache, config_from_args
 
     manifest = build_teacher_cache(
         config_from_args(args),
@@ -195,7 +194,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(
         prog="timm-kd",

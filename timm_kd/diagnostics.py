@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .losses.ats import ats_target_probs, label_gap, wrong_class_moments
+from .losses import ats_target_probs, label_gap, wrong_class_moments
 
 __all__ = [
     "FIG7_TAUS",
@@ -397,68 +397,18 @@ def suggest_ats_temperatures(
         chunk_size: rows processed at once.
     """
     z, labels = _check_inputs(teacher_logits, target)
-    N, C = z.shape
-    if not (1.0 / C < float(label_prob) < 1.0):
-        raise ValueError(
-            f"label_prob must be between 1/C = {1.0 / C:.4g} and 1, got {label_prob!r}: it is the "
-            f"probability plain TS at tau_correct leaves on the label (0.5 by default)"
-        )
-    lo, hi = (_check_tau("tau_range", t) for t in tau_range)
-    if lo > hi:
-        raise ValueError(f"tau_range must be (low, high) with low <= high, got {tau_range!r}")
-    min_ratio = float(min_ratio)
-    if not (0 < min_ratio <= 1):
-        raise ValueError(f"min_ratio (smallest tau_wrong / tau_correct) must be in (0, 1], got {min_ratio!r}")
-    if int(num_ratios) < 1:
-        raise ValueError(f"num_ratios must be >= 1, got {num_ratios!r}")
-    if not (0 <= float(max_flip_rate) < 1):
-        raise ValueError(f"max_flip_rate must be in [0, 1), got {max_flip_rate!r}")
+    lo, hi = _check_suggestion_args(z.shape[1], label_prob, tau_range, min_ratio, num_ratios, max_flip_rate)
+    N = z.shape[0]
     if N > max_samples:
         gen = torch.Generator().manual_seed(int(seed))
         keep = torch.randperm(N, generator=gen)[: int(max_samples)].to(z.device)
         z, labels = z[keep], labels[keep]
-
-    # Step 1: τ1 from the label probability of the samples the teacher gets right.
-    correct = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) >= z.amax(dim=-1)
-    note = ""
-    zc, yc = z[correct], labels[correct]
-    if zc.shape[0] == 0:
-        zc, yc, note = z, labels, " (the teacher gets no sample right: all samples used)"
-
-    def label_prob_at(tau: float) -> float:
-        return _mean_label_prob(zc, yc, tau, chunk_size)
-
-    if label_prob_at(lo) <= label_prob:
-        tau1, why1 = lo, f"already at tau={lo:g} the label probability is at most {label_prob:g}"
-    elif label_prob_at(hi) > label_prob:
-        tau1, why1 = hi, f"even tau={hi:g} leaves a label probability above {label_prob:g}"
-    else:
-        a, b = math.log(lo), math.log(hi)
-        while b - a > 1e-4:  # τ1 within 0.01 %, finer than the 3-digit rounding below
-            m = 0.5 * (a + b)
-            a, b = (m, b) if label_prob_at(math.exp(m)) > label_prob else (a, m)
-        tau1 = math.exp(0.5 * (a + b))
-        why1 = f"plain TS there leaves a mean label probability of {label_prob:g}"
-    tau1 = _round(tau1)
-    p_label = label_prob_at(tau1)
-
-    # Step 2: τ2 = r·τ1 with the largest derived variance among ratios that keep labels on top.
+    tau1, p_label, why1 = _suggest_tau_correct(z, labels, float(label_prob), lo, hi, chunk_size)
     n = int(num_ratios)
-    ratios = [1.0] if n == 1 else [min_ratio ** (k / (n - 1)) for k in range(n)]
-    best = None
-    rejected = []
-    for r in ratios:
-        tau2 = _round(tau1 * r)
-        st = _mean_stats(z, labels, tau1, tau2, chunk_size)
-        if st["induced_flip"] > max_flip_rate:
-            rejected.append((tau2, st["induced_flip"]))
-            continue
-        if best is None or st["derived_variance"] > best[1]["derived_variance"]:
-            best = (tau2, st)
-    assert best is not None  # r = 1 is plain TS: no induced flips
-    tau2, st = best
+    ratios = [1.0] if n == 1 else [float(min_ratio) ** (k / (n - 1)) for k in range(n)]
+    tau2, st, rejected = _suggest_tau_wrong(z, labels, tau1, ratios, max_flip_rate, chunk_size)
     ts = _mean_stats(z, labels, tau1, tau1, chunk_size)
-    reason = f"tau_correct={tau1:g}: {why1} on the {zc.shape[0]} samples the teacher ranks right{note}. "
+    reason = f"tau_correct={tau1:g}: {why1}. "
     if tau2 == tau1:
         reason += "tau_wrong=tau_correct (plain TS): no smaller ratio raises the wrong-class variance"
         if rejected:
@@ -483,3 +433,84 @@ def suggest_ats_temperatures(
         derived_std_ts=ts["derived_std"],
         derived_std_ats=st["derived_std"],
     )
+
+
+def _check_suggestion_args(
+    C: int,
+    label_prob: float,
+    tau_range: tuple[float, float],
+    min_ratio: float,
+    num_ratios: int,
+    max_flip_rate: float,
+) -> tuple[float, float]:
+    """Checks ``suggest_ats_temperatures``' options; returns the checked ``tau_range``."""
+    if not (1.0 / C < float(label_prob) < 1.0):
+        raise ValueError(
+            f"label_prob must be between 1/C = {1.0 / C:.4g} and 1, got {label_prob!r}: it is the "
+            f"probability plain TS at tau_correct leaves on the label (0.5 by default)"
+        )
+    lo, hi = (_check_tau("tau_range", t) for t in tau_range)
+    if lo > hi:
+        raise ValueError(f"tau_range must be (low, high) with low <= high, got {tau_range!r}")
+    if not (0 < float(min_ratio) <= 1):
+        raise ValueError(f"min_ratio (smallest tau_wrong / tau_correct) must be in (0, 1], got {min_ratio!r}")
+    if int(num_ratios) < 1:
+        raise ValueError(f"num_ratios must be >= 1, got {num_ratios!r}")
+    if not (0 <= float(max_flip_rate) < 1):
+        raise ValueError(f"max_flip_rate must be in [0, 1), got {max_flip_rate!r}")
+    return lo, hi
+
+
+def _suggest_tau_correct(
+    z: torch.Tensor, labels: torch.Tensor, label_prob: float, lo: float, hi: float, chunk_size: int
+) -> tuple[float, float, str]:
+    """Step 1: τ1 where plain TS leaves ``label_prob`` on the label of the samples the teacher gets
+    right (bisection in log τ within [lo, hi], then 3 significant digits); returns τ1, the label
+    probability there and the reason."""
+    correct = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) >= z.amax(dim=-1)
+    note = ""
+    zc, yc = z[correct], labels[correct]
+    if zc.shape[0] == 0:
+        zc, yc, note = z, labels, " (the teacher gets no sample right: all samples used)"
+
+    def label_prob_at(tau: float) -> float:
+        return _mean_label_prob(zc, yc, tau, chunk_size)
+
+    if label_prob_at(lo) <= label_prob:
+        tau1, why = lo, f"already at tau={lo:g} the label probability is at most {label_prob:g}"
+    elif label_prob_at(hi) > label_prob:
+        tau1, why = hi, f"even tau={hi:g} leaves a label probability above {label_prob:g}"
+    else:
+        a, b = math.log(lo), math.log(hi)
+        while b - a > 1e-4:  # τ1 within 0.01 %, finer than the 3-digit rounding below
+            m = 0.5 * (a + b)
+            a, b = (m, b) if label_prob_at(math.exp(m)) > label_prob else (a, m)
+        tau1 = math.exp(0.5 * (a + b))
+        why = f"plain TS there leaves a mean label probability of {label_prob:g}"
+    tau1 = _round(tau1)
+    why += f" on the {zc.shape[0]} samples the teacher ranks right{note}"
+    return tau1, label_prob_at(tau1), why
+
+
+def _suggest_tau_wrong(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    tau1: float,
+    ratios: Sequence[float],
+    max_flip_rate: float,
+    chunk_size: int,
+) -> tuple[float, dict[str, Any], list[tuple[float, float]]]:
+    """Step 2: τ2 = r·τ1 with the largest mean derived variance among the ratios whose induced flip
+    rate is at most ``max_flip_rate``; returns τ2, its statistics and the rejected (τ2, flip rate)."""
+    best = None
+    rejected = []
+    for r in ratios:
+        tau2 = _round(tau1 * r)
+        st = _mean_stats(z, labels, tau1, tau2, chunk_size)
+        if st["induced_flip"] > max_flip_rate:
+            rejected.append((tau2, st["induced_flip"]))
+            continue
+        if best is None or st["derived_variance"] > best[1]["derived_variance"]:
+            best = (tau2, st)
+    assert best is not None  # r = 1 is plain TS: no induced flips
+    return best[0], best[1], rejected

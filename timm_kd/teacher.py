@@ -20,23 +20,15 @@ Resize (``adapt_resolution``). With ``x`` the student's input, ``m_s, s_s`` its 
 
 ``PIL.Image.resize`` (which timm's eval transform calls) resamples width then height, with
 antialiasing when shrinking, and stores each pass in uint8, so it clamps to the pixel range after
-each pass. ``torch.nn.functional.interpolate(antialias=True)`` uses PIL's kernels (bicubic with
-a = -0.5). Doing the same two clamped passes gives, on an image already at the student's
-resolution, the tensor timm's own transform gives the teacher up to PIL's uint8 rounding (at most
-~1.1/255 per pixel; tested). Resized in one pass, bicubic overshoot at hard edges differs by up
-to ~6/255 (~17/255 unclamped). Residual differences that no adapter can remove, measured on a
-96x80 test image (pixel units, mean abs):
+each pass; ``torch.nn.functional.interpolate(antialias=True)`` uses PIL's kernels (bicubic with
+a = -0.5). The same two clamped passes give, on an image already at the student's resolution, the
+tensor timm's own transform gives the teacher up to PIL's uint8 rounding (at most ~1.1/255 per
+pixel; tested). What no adapter can remove, and is deliberate:
 
-* the image is larger than the student's input: the teacher's own transform resamples the
-  original once, the adapter resamples the student's already resampled view (64 -> 32 px:
-  about 0.4/255 on average);
-* the teacher's resolution is higher than the student's: detail lost at the student's resolution
-  cannot come back (32 -> 64 px: about 3.4/255 on average);
-* a different field of view: the teacher is shown the student's *view* (the same crop), not the
-  center crop its own eval transform would cut (crop_pct 0.9 vs 0.8: about 32/255 on average;
-  even equal crop_pct differ slightly, since timm floors ``size / crop_pct``: 48 vs 64 px at
-  0.875, about 9/255). This is deliberate: in distillation the teacher must judge the very crop
-  the student sees.
+* the adapter resamples the student's already resampled view, not the original image;
+* detail lost at a lower student resolution cannot come back for a higher-resolution teacher;
+* the teacher is shown the student's *view* (the same crop), not the center crop its own eval
+  transform would cut: in distillation the teacher must judge the very crop the student sees.
 
 Values outside [0, 1] (bicubic overshoot, random-erasing noise) are clamped on the resize path,
 as a PIL image would; the normalization-only path is a pure affine map and clamps nothing.
@@ -57,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -64,6 +57,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import resolve_data_config
+from timm.models import get_pretrained_cfg, parse_model_name
 
 from .models import (
     channel_mismatch_error,
@@ -76,6 +71,7 @@ from .models import (
 
 __all__ = [
     "Teacher",
+    "create_teacher_model",
     "resolve_model",
     "model_num_classes",
     "model_in_chans",
@@ -88,6 +84,73 @@ _logger = logging.getLogger(__name__)
 
 # timm interpolation names -> F.interpolate modes. PIL's 'nearest' samples like 'nearest-exact'.
 _INTERP_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest-exact"}
+
+
+# --------------------------------------------------------------------------------------------------
+# the teacher network
+
+
+def create_teacher_model(
+    teacher: str | nn.Module,
+    *,
+    student_classes: int | None,
+    student_chans: int | None = None,
+    class_map: Any = None,
+    pretrained: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """The teacher network for a student of ``student_classes`` classes and ``student_chans`` channels.
+
+    ``teacher`` is an ``nn.Module`` (returned as it is) or a timm name, created by ``resolve_model``
+    with ``pretrained``, ``checkpoint`` and ``kwargs``. A teacher's classifier is what it teaches, so
+    it is never replaced: ``num_classes`` in ``kwargs`` is refused for a pretrained teacher. A named
+    teacher without weights (no ``pretrained``, no ``checkpoint``) warns, and gets the student's class
+    count unless ``class_map`` or ``kwargs`` say otherwise. For a registry name without a checkpoint
+    or class map, a class or channel mismatch is refused from timm's metadata, before any download.
+    """
+    kwargs = dict(kwargs)
+    t_classes = kwargs.pop("num_classes", None)
+    if t_classes is not None and pretrained and checkpoint is None:
+        raise ValueError(
+            f"teacher_kwargs num_classes={t_classes} would replace the pretrained teacher's "
+            f"classifier with a random one. Drop it, and map a superset of classes with "
+            f"class_map=..., or load a teacher fine-tuned on your classes with teacher_checkpoint=..."
+        )
+    if isinstance(teacher, str) and not pretrained and checkpoint is None:
+        _logger.warning(
+            "teacher %r has random weights (teacher_pretrained=False and no teacher_checkpoint): "
+            "fine for tests and benchmarks, useless for distillation",
+            teacher,
+        )
+        if class_map is None and t_classes is None:
+            t_classes = student_classes  # no trained classifier to keep: match the student
+    if isinstance(teacher, str) and checkpoint is None and class_map is None:
+        _precheck_named_teacher(teacher, pretrained, kwargs, student_classes, student_chans)
+    return resolve_model(
+        teacher, pretrained=pretrained, checkpoint=checkpoint, num_classes=t_classes, role="teacher", **kwargs
+    )
+
+
+def _precheck_named_teacher(
+    name: str, pretrained: bool, kwargs: dict[str, Any], n_student: int | None, s_chans: int | None
+) -> None:
+    """Refuse a class or channel mismatch from the registry's metadata, before any download."""
+    source, _ = parse_model_name(name)
+    if source is not None:
+        return  # hf-hub:/local-dir: configs are read by timm.create_model itself
+    t_chans = kwargs.get("in_chans", 3)
+    if s_chans is not None and s_chans != t_chans:
+        raise channel_mismatch_error(name, t_chans, s_chans)
+    if not pretrained or n_student is None:
+        return
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # unknown names are reported by timm.create_model, with its suggestions
+        return
+    t_classes = kwargs.get("num_classes", getattr(cfg, "num_classes", None))
+    if t_classes and t_classes != n_student:
+        raise class_mismatch_error(name, t_classes, n_student)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,8 +292,27 @@ class Teacher(nn.Module):
         if in_chans is not None and t_chans is not None and in_chans != t_chans:
             raise channel_mismatch_error(self.name, t_chans, in_chans)
 
-        # -- classes
-        t_classes = model_num_classes(model)
+        self._set_classes(num_classes, class_map)
+        self._set_input_format(
+            data_config, input_mean, input_std, t_chans or in_chans, adapt_normalization, adapt_resolution
+        )
+        self._consts: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+        # -- execution
+        self.channels_last = bool(channels_last)
+        self.dtype = dtype
+        if dtype is not None:
+            self.model.to(dtype=dtype)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._compiled: nn.Module | None = None
+        if compile:
+            self.compile(**(compile if isinstance(compile, dict) else {}))
+
+    # ---------------------------------------------------------------------------------------------
+    def _set_classes(self, num_classes: int | None, class_map: Any) -> None:
+        """``class_map`` checked against both class counts, or the counts checked against each other."""
+        t_classes = model_num_classes(self.model)
         self.teacher_num_classes = t_classes
         self.class_map: torch.Tensor | None = None
         if class_map is not None:
@@ -248,13 +330,19 @@ class Teacher(nn.Module):
             self.class_map.numel() if self.class_map is not None else (t_classes or num_classes)
         )
 
-        # -- the teacher's own input format
+    def _set_input_format(
+        self,
+        data_config: dict[str, Any] | None,
+        input_mean: Sequence[float] | None,
+        input_std: Sequence[float] | None,
+        n: int | None,
+        adapt_normalization: bool,
+        adapt_resolution: bool,
+    ) -> None:
+        """The teacher's own mean, std, size and interpolation, and which adapters they switch on."""
         if data_config is None:
-            from timm.data import resolve_data_config
-
-            data_config = resolve_data_config(model=unwrap_model(model))
+            data_config = resolve_data_config(model=unwrap_model(self.model))
         self.data_config = dict(data_config)
-        n = t_chans or in_chans
         self.mean = _channels(self.data_config.get("mean", (0.485, 0.456, 0.406)), n, "teacher's mean")
         self.std = _channels(self.data_config.get("std", (0.229, 0.224, 0.225)), n, "teacher's std")
         self.input_mean = (
@@ -263,7 +351,7 @@ class Teacher(nn.Module):
         self.input_std = _channels(input_std, n, "the inputs' std") if input_std is not None else self.std
         if any(s <= 0 for s in self.std + self.input_std):
             raise ValueError(f"normalization std must be > 0, got teacher {self.std}, input {self.input_std}")
-        fixed = _fixed_input_size(model)
+        fixed = _fixed_input_size(self.model)
         cfg_size = self.data_config.get("input_size")
         self.input_size: tuple[int, int] | None = (
             fixed if fixed is not None else (tuple(int(s) for s in cfg_size[-2:]) if cfg_size else None)
@@ -279,39 +367,17 @@ class Teacher(nn.Module):
         ) and all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(self.std, self.input_std))
         self.adapt_normalization = bool(adapt_normalization)
         self.renormalize = self.adapt_normalization and not same
-        if self.renormalize:
-            self._info(
-                "norm",
-                "teacher %r expects mean=%s std=%s; inputs use mean=%s std=%s: re-normalizing",
-                self.name,
-                _fmt(self.mean),
-                _fmt(self.std),
-                _fmt(self.input_mean),
-                _fmt(self.input_std),
-            )
-        elif not same:
-            _logger.warning(
-                "teacher %r expects mean=%s std=%s, inputs use mean=%s std=%s, adapt_normalization=False",
-                self.name,
-                _fmt(self.mean),
-                _fmt(self.std),
-                _fmt(self.input_mean),
-                _fmt(self.input_std),
-            )
-        self._consts: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        if not same:
+            args = (self.name, _fmt(self.mean), _fmt(self.std), _fmt(self.input_mean), _fmt(self.input_std))
+            if self.renormalize:
+                msg = "teacher %r expects mean=%s std=%s; inputs use mean=%s std=%s: re-normalizing"
+                self._info("norm", msg, *args)
+            else:
+                msg = (
+                    "teacher %r expects mean=%s std=%s, inputs use mean=%s std=%s, adapt_normalization=False"
+                )
+                _logger.warning(msg, *args)
 
-        # -- execution
-        self.channels_last = bool(channels_last)
-        self.dtype = dtype
-        if dtype is not None:
-            self.model.to(dtype=dtype)
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self._compiled: nn.Module | None = None
-        if compile:
-            self.compile(**(compile if isinstance(compile, dict) else {}))
-
-    # ---------------------------------------------------------------------------------------------
     def _info(self, key: Any, msg: str, *args: Any) -> None:
         """Log ``msg`` once per teacher and ``key``."""
         if key in self._logged:

@@ -12,6 +12,13 @@ One step computes::
     z_s = student(images)
     loss_fn(z_s, z_t, target, epoch=epoch)
 
+The teacher is a live network (a ``timm_kd.teacher.Teacher``, built from a name or module) or a
+cache's ``timm_kd.cache.CachedTeacher``, whose logits are rebuilt from stored columns that ride in
+the batch; those columns are passed by name and go to the teacher::
+
+    wrapper = DistillWrapper(student, CachedTeacher(cache_dir), loss="ats")
+    out = wrapper(images, target, epoch=epoch, **{k: batch[k] for k in wrapper.teacher_input_keys})
+
 The teacher runs first, so its activations are freed before the student's are stored for the
 backward pass: peak memory is the larger of the two, not their sum.
 
@@ -40,18 +47,20 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from timm.data import resolve_data_config
 from timm.task import TrainingTask
+from torch.nn.parallel import DistributedDataParallel
 
+from .cache import CachedTeacher
 from .losses import create_loss
 from .models import (
-    channel_mismatch_error,
     class_mismatch_error,
     model_in_chans,
     model_num_classes,
     resolve_model,
     unwrap_model,
 )
-from .teacher import Teacher
+from .teacher import Teacher, create_teacher_model
 
 __all__ = ["DistillWrapper"]
 
@@ -69,28 +78,37 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return d
 
 
-def _precheck_named_teacher(
-    name: str, pretrained: bool, kwargs: dict[str, Any], n_student: int | None, student: nn.Module
-) -> None:
-    """Refuse a class or channel mismatch from the registry's metadata, before any download."""
-    from timm.models import get_pretrained_cfg, parse_model_name
+def _loss(loss: str | Any, loss_kwargs: dict[str, Any]) -> tuple[Any, str]:
+    """``(loss_fn, name)`` from a registry name and its kwargs, or from a loss object (no kwargs)."""
+    if isinstance(loss, str):
+        try:
+            return create_loss(loss, **loss_kwargs), loss
+        except TypeError as e:
+            raise TypeError(
+                f"DistillWrapper passes its unknown keyword arguments {sorted(loss_kwargs)} to the "
+                f"{loss!r} loss, which refused them: {e}. Check the spelling against the loss's "
+                f"docstring (help(timm_kd.create_loss({loss!r})))."
+            ) from None
+    if loss_kwargs:
+        raise TypeError(
+            f"loss is already a loss object; keyword arguments {sorted(loss_kwargs)} would be "
+            f"ignored. Configure the object itself, or pass the loss by name: loss='kd', tau=4.0."
+        )
+    if not callable(loss):
+        raise TypeError(f"loss must be a registered loss name or a callable, got {type(loss).__name__}")
+    return loss, getattr(loss, "name", type(loss).__name__)
 
-    source, _ = parse_model_name(name)
-    if source is not None:
-        return  # hf-hub:/local-dir: configs are read by timm.create_model itself
-    s_chans = model_in_chans(student)
-    t_chans = kwargs.get("in_chans", 3)
-    if s_chans is not None and s_chans != t_chans:
-        raise channel_mismatch_error(name, t_chans, s_chans)
-    if not pretrained or n_student is None:
-        return
-    try:
-        cfg = get_pretrained_cfg(name)
-    except Exception:  # unknown names are reported by timm.create_model, with its suggestions
-        return
-    t_classes = kwargs.get("num_classes", getattr(cfg, "num_classes", None))
-    if t_classes and t_classes != n_student:
-        raise class_mismatch_error(name, t_classes, n_student)
+
+def _cached_teacher(teacher: CachedTeacher, n_student: int, class_map: Any) -> CachedTeacher:
+    """A cache's teacher, used as it is: its logits are already in the student's classes."""
+    if class_map is not None:
+        raise ValueError(
+            "class_map does not apply to a CachedTeacher: the cache stores the teacher's logits already "
+            "mapped to the student's classes (build the cache with --class-map instead)."
+        )
+    if teacher.num_classes != n_student:
+        raise class_mismatch_error(teacher.name, teacher.num_classes, n_student)
+    return teacher
 
 
 class DistillWrapper(TrainingTask):
@@ -101,8 +119,9 @@ class DistillWrapper(TrainingTask):
             ``"local-dir:/path"``), created with ``student_pretrained``, ``num_classes``,
             ``student_checkpoint`` and ``student_kwargs``.
         teacher: an ``nn.Module``, a timm model name (created with ``teacher_pretrained``,
-            ``teacher_checkpoint``, ``teacher_kwargs``; its classifier is never replaced), or a
-            ready ``timm_kd.teacher.Teacher``.
+            ``teacher_checkpoint``, ``teacher_kwargs``; its classifier is never replaced), a
+            ready ``timm_kd.teacher.Teacher``, or a ``timm_kd.cache.CachedTeacher`` (used as it is:
+            the teacher options below do not apply, and it must predict the student's classes).
         loss: a registry name (``timm_kd.list_losses()``), created with ``**loss_kwargs``, or a loss
             object following the calling convention ``loss_fn(z_s, z_t, target, *, epoch=None) -> dict``.
         class_map: the teacher's class index for each student class, when the teacher's classes are
@@ -132,7 +151,7 @@ class DistillWrapper(TrainingTask):
     def __init__(
         self,
         student: str | nn.Module,
-        teacher: str | nn.Module | Teacher,
+        teacher: str | nn.Module | Teacher | CachedTeacher,
         loss: str | Any = "ats",
         *,
         class_map: Any = None,
@@ -154,30 +173,7 @@ class DistillWrapper(TrainingTask):
         verbose: bool = True,
         **loss_kwargs: Any,
     ):
-        # -- the loss first: a typo in its arguments must fail before any model is downloaded
-        if isinstance(loss, str):
-            try:
-                loss_fn = create_loss(loss, **loss_kwargs)
-            except TypeError as e:
-                raise TypeError(
-                    f"DistillWrapper passes its unknown keyword arguments {sorted(loss_kwargs)} to the "
-                    f"{loss!r} loss, which refused them: {e}. Check the spelling against the loss's "
-                    f"docstring (help(timm_kd.create_loss({loss!r})))."
-                ) from None
-            loss_name = loss
-        else:
-            if loss_kwargs:
-                raise TypeError(
-                    f"loss is already a loss object; keyword arguments {sorted(loss_kwargs)} would be "
-                    f"ignored. Configure the object itself, or pass the loss by name: loss='kd', tau=4.0."
-                )
-            if not callable(loss):
-                raise TypeError(
-                    f"loss must be a registered loss name or a callable, got {type(loss).__name__}"
-                )
-            loss_fn = loss
-            loss_name = getattr(loss, "name", type(loss).__name__)
-
+        loss_fn, loss_name = _loss(loss, loss_kwargs)  # first: a typo must fail before any download
         # -- the student
         student_kwargs = dict(student_kwargs or {})
         if "num_classes" in student_kwargs:
@@ -203,43 +199,23 @@ class DistillWrapper(TrainingTask):
                 "the student has no classifier (num_classes=0); create it with the number of classes."
             )
         if data_config is None:
-            from timm.data import resolve_data_config
-
             data_config = resolve_data_config(model=unwrap_model(student_model))
         self.data_config: dict[str, Any] = dict(data_config)
 
         # -- the teacher
-        if isinstance(teacher, Teacher):
+        if isinstance(teacher, CachedTeacher):
+            frozen = _cached_teacher(teacher, n_student, class_map)
+        elif isinstance(teacher, Teacher):
             frozen = teacher
         else:
-            t_kwargs = dict(teacher_kwargs or {})
-            t_classes = t_kwargs.pop("num_classes", None)
-            if t_classes is not None and teacher_pretrained and teacher_checkpoint is None:
-                raise ValueError(
-                    f"teacher_kwargs num_classes={t_classes} would replace the pretrained teacher's "
-                    f"classifier with a random one. Drop it, and map a superset of classes with "
-                    f"class_map=..., or load a teacher fine-tuned on your classes with teacher_checkpoint=..."
-                )
-            random_teacher = (
-                isinstance(teacher, str) and not teacher_pretrained and teacher_checkpoint is None
-            )
-            if random_teacher:
-                _logger.warning(
-                    "teacher %r has random weights (teacher_pretrained=False and no teacher_checkpoint): "
-                    "fine for tests and benchmarks, useless for distillation",
-                    teacher,
-                )
-                if class_map is None and t_classes is None:
-                    t_classes = n_student  # no trained classifier to keep: match the student
-            if isinstance(teacher, str) and teacher_checkpoint is None and class_map is None:
-                _precheck_named_teacher(teacher, teacher_pretrained, t_kwargs, n_student, student_model)
-            teacher_model = resolve_model(
+            teacher_model = create_teacher_model(
                 teacher,
+                student_classes=n_student,
+                student_chans=model_in_chans(student_model),
+                class_map=class_map,
                 pretrained=teacher_pretrained,
                 checkpoint=teacher_checkpoint,
-                num_classes=t_classes,
-                role="teacher",
-                **t_kwargs,
+                **(teacher_kwargs or {}),
             )
             if teacher_model is student_model:
                 raise ValueError("teacher and student are the same module: pass two different models.")
@@ -276,10 +252,10 @@ class DistillWrapper(TrainingTask):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "teacher":
-            if not isinstance(value, Teacher):
+            if not isinstance(value, (Teacher, CachedTeacher)):
                 raise TypeError(
-                    f"wrapper.teacher must be a timm_kd.teacher.Teacher, got {type(value).__name__}; build a "
-                    f"new DistillWrapper to change the teacher network."
+                    f"wrapper.teacher must be a timm_kd.teacher.Teacher or a timm_kd.cache.CachedTeacher, "
+                    f"got {type(value).__name__}; build a new DistillWrapper to change the teacher network."
                 )
             # kept out of _modules: not in parameters(), state_dict(), modules()
             object.__setattr__(self, "teacher", value)
@@ -306,17 +282,14 @@ class DistillWrapper(TrainingTask):
         return self
 
     def extra_repr(self) -> str:
-        return (
-            f"teacher=Teacher({self.teacher.extra_repr()}) (frozen, not a submodule), loss={self.loss_name!r}"
-        )
+        teacher = f"{type(self.teacher).__name__}({self.teacher.extra_repr()})"
+        return f"teacher={teacher} (frozen, not a submodule), loss={self.loss_name!r}"
 
     # ---------------------------------------------------------------------------------------------
     # timm TrainingTask interface
 
     def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs: Any) -> DistillWrapper:
         """Wrap the student (only) in ``DistributedDataParallel``; the frozen teacher stays as it is."""
-        from torch.nn.parallel import DistributedDataParallel
-
         if isinstance(self.student, DistributedDataParallel):
             return self
         p = next(self.student.parameters(), None)
@@ -326,9 +299,11 @@ class DistillWrapper(TrainingTask):
         return self
 
     def compile(self, backend: str = "inductor", mode: str | None = None, **compile_kwargs: Any) -> nn.Module:
-        """``torch.compile`` the student and the teacher network; returns the eval model (the student)."""
+        """``torch.compile`` the student and the teacher network (a cached teacher has none); returns the
+        eval model (the student)."""
         self.student = torch.compile(self.student, backend=backend, mode=mode, **compile_kwargs)
-        self.teacher.compile(backend=backend, mode=mode, **compile_kwargs)
+        if isinstance(self.teacher, Teacher):
+            self.teacher.compile(backend=backend, mode=mode, **compile_kwargs)
         return self.get_eval_model()
 
     def get_eval_model(self, module: nn.Module | None = None, ema: bool = False) -> nn.Module | None:
@@ -340,11 +315,31 @@ class DistillWrapper(TrainingTask):
     # ---------------------------------------------------------------------------------------------
     # the step
 
+    @property
+    def teacher_input_keys(self) -> tuple[str, ...]:
+        """The batch columns the teacher reads besides the images: ``()`` for a live teacher,
+        ``CachedTeacher.input_keys`` (the cache's ``teacher_*`` columns) for a cached one."""
+        return tuple(getattr(self.teacher, "input_keys", ()))
+
     def forward(
-        self, images: torch.Tensor, target: torch.Tensor, epoch: float | None = None
+        self,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        epoch: float | None = None,
+        **teacher_inputs: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """``{"loss", "output" (student logits), "teacher_output" (student classes), <loss terms>}``."""
-        teacher_output = self.teacher(images)  # first: its activations are gone before the student's pile up
+        """``{"loss", "output" (student logits), "teacher_output" (student classes), <loss terms>}``.
+
+        ``teacher_inputs`` (a cached teacher's batch columns, ``teacher_input_keys``) go to the teacher;
+        a live teacher takes none.
+        """
+        if teacher_inputs and not self.teacher_input_keys:
+            raise TypeError(
+                f"a live teacher takes only the images; got teacher inputs {sorted(teacher_inputs)} (they "
+                f"belong to a cached run: DistillWrapper(student, CachedTeacher(cache), ...))."
+            )
+        # the teacher first: its activations are gone before the student's pile up
+        teacher_output = self.teacher(images, **teacher_inputs)
         output = self.student(images)
         terms = self.loss_fn(output, teacher_output, target, epoch=epoch)
         if not isinstance(terms, dict) or "loss" not in terms:
@@ -362,9 +357,10 @@ class DistillWrapper(TrainingTask):
         result["teacher_output"] = teacher_output
         return result
 
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The teacher alone on the student's ``images``: adapters applied, student's classes."""
-        return self.teacher(images)
+    def teacher_logits(self, images: torch.Tensor, **teacher_inputs: torch.Tensor) -> torch.Tensor:
+        """The teacher alone on the student's ``images``: adapters applied, student's classes (a cached
+        teacher: rebuilt from ``teacher_inputs``)."""
+        return self.teacher(images, **teacher_inputs)
 
     def student_state_dict(self, ema: bool = False) -> dict[str, torch.Tensor]:
         """The student's weights with plain timm keys (no ``student.``, ``module.`` or ``_orig_mod.``).

@@ -8,13 +8,11 @@ All losses follow one calling convention::
   float32 with autocast disabled, whatever the caller's autocast or logit dtype.
 * ``target``: class indices ``[B]`` (int) or soft targets ``[B, C]`` (float, rows summing to 1,
   as produced by timm's ``Mixup``/CutMix).
-* ``epoch``: 1-based training epoch, fractions allowed (``epoch = 1 + step / steps_per_epoch``),
-  needed by losses with a warm-up.
+* ``epoch``: 1-based training epoch, fractions allowed, needed by losses with a warm-up.
 * Returns ``{"loss": objective, <term>: value, ...}``; ``"loss"`` includes cross-entropy.
 
-``DistillLoss`` is the one base class: it holds the checks so that each loss file holds only its
-math. With ``check_inputs=False`` the data-dependent checks (finite logits, label range), which need
-a device-to-host sync, are skipped; shape checks always run.
+The data-dependent checks (finite logits, label range) cost one device-to-host transfer per call;
+with ``check_inputs=False`` they are skipped (shape checks always run).
 """
 from __future__ import annotations
 
@@ -26,83 +24,41 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._fused import first_argmax
+from .functional import soft_cross_entropy
 
 __all__ = [
-    "DistillLoss",
-    "LossInputs",
-    "check_positive",
-    "check_epoch",
-    "check_non_negative",
-    "cross_entropy",
-    "soft_cross_entropy",
-    "kl_div",
+    "DistillLoss", "LossInputs", "check_epoch", "check_non_negative", "check_positive", "cross_entropy",
     "warmup_factor",
 ]
 
 
-def check_positive(name: str, value: float, loss: str = "") -> float:
-    """``value`` as a float if it is finite and > 0, else a ValueError naming ``name`` and the fix."""
+def _check_number(name: str, value: float, loss: str, positive: bool) -> float:
+    """``value`` as a float if it is finite and > 0 (``positive``) or >= 0, else an error naming it."""
     where = f"{loss}: " if loss else ""
     try:
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{where}{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(
-            f"{where}{name} must be a finite number > 0, got {value!r}. "
-            f"Temperatures divide the logits, so use a positive value (the papers use 1 to 8)."
-            if "tau" in name or "temperature" in name
-            else f"{where}{name} must be a finite number > 0, got {value!r}."
-        )
-    return v
+    if math.isfinite(v) and (v > 0 if positive else v >= 0):
+        return v
+    if positive:
+        hint = " Temperatures divide the logits, so use a positive value (the papers use 1 to 8)."
+        hint = hint if "tau" in name or "temperature" in name else ""
+        raise ValueError(f"{where}{name} must be a finite number > 0, got {value!r}.{hint}")
+    raise ValueError(
+        f"{where}{name} must be a finite number >= 0, got {value!r}. "
+        f"A negative weight would maximize that term; use 0 to switch the term off."
+    )
+
+
+def check_positive(name: str, value: float, loss: str = "") -> float:
+    """``value`` as a float if it is finite and > 0 (temperatures), else a ValueError with the fix."""
+    return _check_number(name, value, loss, positive=True)
 
 
 def check_non_negative(name: str, value: float, loss: str = "") -> float:
     """``value`` as a float if it is finite and >= 0 (loss weights), else a ValueError."""
-    where = f"{loss}: " if loss else ""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{where}{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(
-            f"{where}{name} must be a finite number >= 0, got {value!r}. "
-            f"A negative weight would maximize that term; use 0 to switch the term off."
-        )
-    return v
-
-
-class LossInputs(NamedTuple):
-    """Checked loss inputs, all float32 (``labels`` int64)."""
-
-    student: torch.Tensor  # [B, C] float32, keeps its graph
-    teacher: torch.Tensor  # [B, C] float32, detached
-    target: torch.Tensor  # [B] int64 class indices, or [B, C] float32 soft targets
-    labels: torch.Tensor  # [B] int64: the hard label, or the soft target's argmax
-    soft: bool  # whether ``target`` is soft
-
-
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy against class indices ``[B]`` or soft targets ``[B, C]``."""
-    if target.dim() == logits.dim():
-        return soft_cross_entropy(target, F.log_softmax(logits, dim=-1))
-    return F.cross_entropy(logits, target)
-
-
-def soft_cross_entropy(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``mean_b sum_k -p_k log q_k``: soft cross-entropy, sum over classes, mean over the batch."""
-    return -(p * log_q).sum(dim=-1).mean()
-
-
-def kl_div(log_p: torch.Tensor, log_q: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-    """``KL(p || q) = sum_k p_k (log p_k - log q_k)`` from log-probabilities; batch mean if ``reduce``.
-
-    Same value as ``F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)``. Terms where
-    ``p_k`` underflows to 0 contribute exactly 0 (no ``0 * inf`` NaN).
-    """
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-    return kl.mean() if reduce else kl
+    return _check_number(name, value, loss, positive=False)
 
 
 def check_epoch(epoch: float, loss: str) -> float:
@@ -119,7 +75,7 @@ def warmup_factor(
     """``min(epoch / warmup_epochs, 1)``; 1 without warm-up. ``epoch`` is 1-based.
 
     A 0-d tensor ``epoch`` (what ``compile_loss`` passes, already checked) gives a 0-d tensor, so a
-    compiled loss computes the factor in its graph instead of specializing on each epoch's value.
+    compiled loss computes the factor in its graph instead of recompiling for each epoch's value.
     """
     if warmup_epochs <= 0:
         return 1.0
@@ -134,29 +90,21 @@ def warmup_factor(
     return min(check_epoch(epoch, loss) / warmup_epochs, 1.0)
 
 
-def _value_stats(
-    student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None
-) -> list[float]:
-    """``[sum(student), sum(teacher), min(labels), max(labels)]`` in one host transfer (one sync).
-
-    A float32 sum is finite only if every element is (NaN and inf propagate, ``inf - inf`` is NaN),
-    and one cheap reduction pass per tensor is all the check costs; a non-finite sum of finite
-    values (an overflow past 3e38) is told apart by ``_all_finite``.
-    """
-    parts = [student.detach().sum(dtype=torch.float32)]
-    if teacher is not None:
-        parts.append(teacher.detach().sum(dtype=torch.float32))
-    if labels is not None and labels.numel() > 0:
-        parts += [labels.min().float(), labels.max().float()]
-    return torch.stack(parts).tolist()
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy against class indices ``[B]`` or soft targets ``[B, C]``."""
+    if target.dim() == logits.dim():
+        return soft_cross_entropy(target, F.log_softmax(logits, dim=-1))
+    return F.cross_entropy(logits, target)
 
 
-def _all_finite(x: torch.Tensor) -> bool:
-    """Whether ``x`` has no NaN/inf. min and max propagate NaN and expose inf, and are ~10x cheaper
-    than ``isfinite(x).all()`` on a [256, 1000] tensor (one reduction pass, no bool tensor)."""
-    if x.numel() == 0:
-        return True
-    return bool(torch.isfinite(torch.stack(torch.aminmax(x.detach()))).all())
+class LossInputs(NamedTuple):
+    """Checked loss inputs, all float32 (``labels`` int64)."""
+
+    student: torch.Tensor  # [B, C] float32, keeps its graph
+    teacher: torch.Tensor  # [B, C] float32, detached
+    target: torch.Tensor  # [B] int64 class indices, or [B, C] float32 soft targets
+    labels: torch.Tensor  # [B] int64: the hard label, or the soft target's argmax
+    soft: bool  # whether ``target`` is soft
 
 
 class DistillLoss(nn.Module):
@@ -165,6 +113,10 @@ class DistillLoss(nn.Module):
     Subclasses implement ``forward(student_logits, teacher_logits, target, *, epoch=None)`` and
     start it with ``x = self.prepare(student_logits, teacher_logits, target)``, then compute in
     ``x.student`` / ``x.teacher`` inside ``with self.float32(x.student):``.
+
+    Every built-in loss takes ``check_inputs`` (validate labels and finiteness on every call: one
+    host sync); those with ``logit_standardize`` z-score both logits (``standardize_logits``, Sun
+    et al. 2024) before the distillation terms, while cross-entropy sees the raw student logits.
     """
 
     #: the registry name, set by subclasses (used in error messages)
@@ -185,42 +137,41 @@ class DistillLoss(nn.Module):
         return torch.autocast(device_type=x.device.type, enabled=False)
 
     def _check_values(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        num_classes: int,
+        self, student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None, classes: int
     ) -> None:
-        """Label range and finite logits, from one host transfer (``_value_stats``)."""
-        name = self.name
-        stats = _value_stats(student_logits, teacher_logits, labels)
-        if labels is not None and labels.numel() > 0:
+        """Label range and finite logits, from one host transfer. A float32 sum is finite only if
+        every element is; ``torch.isfinite`` runs only when it is not, to tell an overflow from NaN/inf.
+        """
+        parts = [student.detach().sum(dtype=torch.float32)]
+        if teacher is not None:
+            parts.append(teacher.detach().sum(dtype=torch.float32))
+        has_labels = labels is not None and labels.numel() > 0
+        if has_labels:
+            parts += [labels.min().float(), labels.max().float()]
+        stats = torch.stack(parts).tolist()  # the one host sync
+        if has_labels:
             lo, hi = int(stats[-2]), int(stats[-1])
-            if lo < 0 or hi >= num_classes:
-                bad = lo if lo < 0 else hi
+            if lo < 0 or hi >= classes:
                 raise ValueError(
-                    f"{name}: label {bad} is outside [0, {num_classes}) for logits with {num_classes} "
-                    f"classes. Check that the dataset's classes match the model's num_classes (ignore-index "
-                    f"labels such as -100 are not supported by distillation losses; drop those samples "
-                    f"first)."
+                    f"{self.name}: label {lo if lo < 0 else hi} is outside [0, {classes}) for logits with "
+                    f"{classes} classes. Check that the dataset's classes match the model's num_classes "
+                    f"(ignore-index labels such as -100 are not supported by distillation losses; drop "
+                    f"those samples first)."
                 )
-        if not math.isfinite(stats[0]) and not _all_finite(student_logits):
+        if not math.isfinite(stats[0]) and not bool(torch.isfinite(student.detach()).all()):
             raise FloatingPointError(
-                f"{name}: student_logits contain NaN or inf. The student has diverged or was fed bad "
+                f"{self.name}: student_logits contain NaN or inf. The student has diverged or was fed bad "
                 f"input: lower the learning rate, enable gradient clipping, or resume from the last "
                 f"good checkpoint."
             )
-        if teacher_logits is not None and not math.isfinite(stats[1]) and not _all_finite(teacher_logits):
+        if teacher is not None and not math.isfinite(stats[1]) and not bool(torch.isfinite(teacher).all()):
             raise FloatingPointError(
-                f"{name}: teacher_logits contain NaN or inf. Check the teacher's weights and input "
+                f"{self.name}: teacher_logits contain NaN or inf. Check the teacher's weights and input "
                 f"normalization, or run the teacher in float32 instead of fp16."
             )
 
     def prepare(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor | None,
-        target: torch.Tensor,
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor
     ) -> LossInputs:
         """Check shapes, labels and finiteness; cast to float32; detach the teacher."""
         name = self.name
@@ -257,7 +208,7 @@ class DistillLoss(nn.Module):
                 )
             soft = True
             target = target.float()
-            labels = first_argmax(target)
+            labels = target.argmax(dim=1)  # the first maximum
         else:
             raise ValueError(
                 f"{name}: target must be class indices [batch] or soft targets [batch, classes], "

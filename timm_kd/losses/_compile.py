@@ -1,20 +1,10 @@
 """``torch.compile`` for losses: one compiled graph per target kind, whatever the epoch.
 
-Every registered loss traces whole (``fullgraph=True``): no host syncs, no nested autograd, no
-data-dependent Python branches. What ``compile_loss`` adds to a plain ``torch.compile(loss_fn)`` is
-the epoch: Dynamo specializes on a Python float argument, so a fractional ``epoch`` that changes
-every step would recompile the loss each step until the recompile limit, after which it silently runs
-eagerly. ``CompiledLoss`` checks the epoch in Python and passes it to a ``DistillLoss`` as a 0-d
-tensor on the logits' device; ``warmup_factor`` then computes the warm-up in the graph.
-
-Each device type compiles on its first call (``CompiledLoss.compile_kwargs_for``): on CPU a loss may
-add Inductor options of its own (a ``cpu_compile_options`` dict, e.g. DTKD's realization threshold),
-measured there and left out elsewhere.
-
-What it buys (``python benchmarks/losses.py --compile``, docs/losses.md#speed): the fused
-Functions' passes over ``[B, C]`` become per-row loops that keep each row in cache, so the extra
-cost of a multi-temperature loss over cross-entropy shrinks. The first call compiles (seconds, cached
-on disk by Inductor); a second batch shape compiles once more, with a dynamic batch size.
+Every registered loss traces whole (``fullgraph=True``; no host sync with ``check_inputs=False``).
+Dynamo specializes on a Python float argument, so a fractional ``epoch`` that changes every step
+would recompile the loss each step until the recompile limit, then silently run eagerly.
+``CompiledLoss`` checks the epoch in Python and passes it to a ``DistillLoss`` as a 0-d tensor;
+``warmup_factor`` then computes the warm-up in the graph.
 """
 from __future__ import annotations
 
@@ -22,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from ._base import DistillLoss, check_epoch
 
@@ -32,38 +23,25 @@ class CompiledLoss(nn.Module):
     """A loss and its ``torch.compile``-d forward; same calling convention, same outputs.
 
     ``loss_fn`` stays a submodule (``.to()``, ``state_dict`` and ``repr`` see the original); calls go
-    through the compiled function. Attributes not found here are looked up on ``loss_fn``.
+    through the compiled function, made on the first call (a copy or an unpickled loss makes its
+    own). Attributes not found here are looked up on ``loss_fn``.
     """
 
     def __init__(self, loss_fn: Any, **compile_kwargs: Any):
         super().__init__()
         self.loss_fn = loss_fn
-        # compiled on first use per device type (see compile_kwargs_for); kept out of the module
-        # tree (they are not state)
-        self.__dict__["_compiled"] = {}
-        self.__dict__["_compile_kwargs"] = compile_kwargs
+        self._compile_kwargs = compile_kwargs
         # only our losses take the epoch as a tensor (``warmup_factor``); a plug-in gets what it gets
         self._epoch_as_tensor = isinstance(loss_fn, DistillLoss)
 
-    def compile_kwargs_for(self, device_type: str) -> dict[str, Any]:
-        """The ``torch.compile`` keyword arguments for logits on ``device_type``: the caller's, plus on
-        CPU the loss's ``cpu_compile_options`` (Inductor options measured to help it there) when the
-        caller chose neither a ``mode`` nor another backend, and only the options this torch has."""
-        kwargs = dict(self._compile_kwargs)
-        extra = getattr(self.loss_fn, "cpu_compile_options", None) if device_type == "cpu" else None
-        if extra and "mode" not in kwargs and kwargs.get("backend", "inductor") == "inductor":
-            import torch._inductor.config as inductor_config
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled"}
 
-            known = {k: v for k, v in extra.items() if hasattr(inductor_config, k)}
-            if known:
-                kwargs["options"] = {**known, **kwargs.get("options", {})}
-        return kwargs
-
-    def _compiled_for(self, device_type: str) -> Any:
-        fn = self._compiled.get(device_type)
-        if fn is None:
+    def _compiled_fn(self) -> Any:
+        fn = self.__dict__.get("_compiled")
+        if fn is None:  # kept out of the module tree: it is not state
             inner = self.loss_fn.forward if isinstance(self.loss_fn, nn.Module) else self.loss_fn
-            fn = self._compiled[device_type] = torch.compile(inner, **self.compile_kwargs_for(device_type))
+            fn = self.__dict__["_compiled"] = torch.compile(inner, **self._compile_kwargs)
         return fn
 
     @property
@@ -82,26 +60,18 @@ class CompiledLoss(nn.Module):
             return getattr(inner, item)
 
     def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        target: torch.Tensor,
-        *,
-        epoch: float | None = None,
-    ) -> dict[str, torch.Tensor]:
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *, epoch: float | None = None
+    ) -> dict[str, Tensor]:
         if epoch is not None and self._epoch_as_tensor:
             epoch = torch.tensor(
                 check_epoch(epoch, self.name), dtype=torch.float32, device=student_logits.device
             )
-        compiled = self._compiled_for(student_logits.device.type)
-        return compiled(student_logits, teacher_logits, target, epoch=epoch)
+        return self._compiled_fn()(student_logits, teacher_logits, target, epoch=epoch)
 
 
 def compile_loss(loss_fn: Any, **compile_kwargs: Any) -> CompiledLoss:
     """``torch.compile`` a loss (any object of the calling convention) so that the epoch does not
-    recompile it. ``compile_kwargs`` go to ``torch.compile`` (``mode``, ``fullgraph``, ``backend``...).
-
-    ``create_loss(name, compile=True)`` is the same as ``compile_loss(create_loss(name))``; the engine's
-    ``--compile-loss`` uses it. Needs what ``torch.compile`` needs: a C++ compiler on CPU, Triton on GPU.
+    recompile it; ``compile_kwargs`` go to ``torch.compile``. ``create_loss(name, compile=True)`` is
+    ``compile_loss(create_loss(name))``. Needs a C++ compiler on CPU, Triton on GPU.
     """
     return CompiledLoss(loss_fn, **compile_kwargs)

@@ -16,41 +16,36 @@ The temperatures are *not* detached, as in the authors' code: the gradient flows
 into both temperatures (only the teacher logits are constants). The warm-up scales both KD terms,
 not the cross-entropy; ``epoch`` is 1-based, as in mdistiller's trainer.
 
-Departure from the authors' code: the temperature guard
---------------------------------------------------------
-The authors' code has no guard. With ``x_s <= 0`` the temperatures change sign; with
-``x_t + x_s -> 0`` they blow up. Even with both maxima positive it misbehaves when they are far
-apart: a freshly initialised student has ``x_s`` near 0+ while a trained teacher's ``x_t`` is near
-10, so ``T_s`` is far below ``T`` (0.04 for ``x_s = 0.05``, ``x_t = 10``, ``T = 4``). The student's
-rescaled logits ``z_s / T_s`` then move by ``dz / T_s`` per step, and the temperature gradient
-``dT_s / dx_s = 2T x_t / (x_t + x_s)^2`` grows like ``1 / x_t``: on short schedules or without
-the 20 warm-up epochs the student collapses (see tests/test_dtkd.py for a real run).
-
-We write the temperatures through the student's *share* of the summed maxima,
-``s = x_s / (x_t + x_s)``, so that ``T_s = 2T s`` and ``T_t = 2T (1 - s)``, and guard ``s``:
+Departure from the authors' code: the temperature guard (docs/losses.md). The authors' code has
+none: ``x_s <= 0`` makes the temperatures change sign, ``x_t + x_s -> 0`` makes them blow up, and a
+fresh student (``x_s`` near 0+) facing a trained teacher (``x_t`` near 10) gets ``T_s`` far below
+``T`` (0.04 for ``x_s = 0.05``, ``x_t = 10``, ``T = 4``); on short schedules or without the 20
+warm-up epochs the student then collapses (tests/test_dtkd.py has a real run). We write the
+temperatures through the student's share ``s = x_s / (x_t + x_s)``, ``T_s = 2T s``,
+``T_t = 2T (1 - s)``, and guard ``s``:
 
 1. both maxima are floored at ``_MAX_LOGIT_FLOOR`` (1e-6) before forming ``s``, so non-positive
    maxima give a share in ``[0, 1]`` and finite temperatures instead of negative or infinite ones;
 2. with ``max_temp_ratio = r`` (default 4), ``s`` is clamped to ``[1 / (1 + r), r / (1 + r)]``,
    i.e. ``T_t / T_s`` to ``[1 / r, r]`` and both temperatures to ``[2T / (1 + r), 2Tr / (1 + r)]``
-   (``[1.6, 6.4]`` for ``T = 4``). Where the clamp is active the temperatures are constants (no
-   gradient through them).
+   (``[1.6, 6.4]`` for ``T = 4``); where the clamp is active the temperatures get no gradient.
 
 ``T_t + T_s = 2T`` holds everywhere. Where ``1 / r <= x_s / x_t <= r`` (both maxima positive and
-comparable: the regime the paper describes, and every golden test on random logits) the guard is a
-no-op and value and gradient equal the authors' code. ``max_temp_ratio=None`` turns step 2 off:
-then every pair of positive maxima (above the 1e-6 floor) gives exactly the authors' result.
+comparable, the regime the paper describes) the guard is a no-op and value and gradient equal the
+authors' code; ``max_temp_ratio=None`` turns step 2 off, giving the authors' result for every pair
+of maxima above the 1e-6 floor.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from torch import Tensor
 
-from ._base import DistillLoss, check_non_negative, check_positive, warmup_factor
-from ._fused import dtkd_objective, soft_target_objective, tempered_kl, tempered_target
-from ._registry import register_loss
-from .standardize import STANDARDIZE_EPS, standardize_logits
+from ._base import DistillLoss, check_non_negative, check_positive, cross_entropy, warmup_factor
+from ._registry import LossCard, register_loss
+from .functional import standardize_logits, tempered_kl
+from .kd import kd_term
 
 __all__ = ["DTKDLoss", "dtkd_temperatures", "dtkd_term"]
 
@@ -63,34 +58,15 @@ def dtkd_temperatures(
     teacher_max: torch.Tensor,
     tau: float,
     max_temp_ratio: float | None = 4.0,
-    slope: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """Per-sample ``(T_t, T_s)`` from the maximum logits, guarded as described in the module docstring.
-
-    ``T_s = 2 tau s``, ``T_t = 2 tau (1 - s)`` with ``s = x_s / (x_t + x_s)`` (maxima floored at 1e-6;
-    ``s`` clamped to ``[1 / (1 + r), r / (1 + r)]`` unless ``max_temp_ratio`` is None).
-
-    With ``slope=True`` also ``dT_s / dx_s`` (and ``dT_t / dx_s = -dT_s / dx_s``), the derivative
-    autograd takes through the same expression::
-
-        dT_s/dx_s = 2 tau x_t / (x_t + x_s)^2      where x_s >= 1e-6 and the clamp on s is inactive
-                  = 0                              elsewhere (floor or clamp hold the value)
-
-    so a fused objective can send the temperature gradient to the student maximum without a nested
-    autograd call (which ``torch.compile`` cannot trace).
-    """
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``(T_t, T_s) = (2 tau (1 - s), 2 tau s)`` from the maximum logits, with the share
+    ``s`` guarded as the module docstring says (no gradient where the floor or the clamp holds)."""
     xs = student_max.clamp(min=_MAX_LOGIT_FLOOR)
     xt = teacher_max.clamp(min=_MAX_LOGIT_FLOOR)
     share = xs / (xt + xs)
-    live = student_max >= _MAX_LOGIT_FLOOR  # where clamp(min=) passes the gradient
     if max_temp_ratio is not None:
-        lo, hi = 1.0 / (1.0 + max_temp_ratio), max_temp_ratio / (1.0 + max_temp_ratio)
-        live = live & (share >= lo) & (share <= hi)
-        share = share.clamp(lo, hi)
-    temps = (2.0 * tau * (1.0 - share), 2.0 * tau * share)
-    if not slope:
-        return temps
-    return (*temps, torch.where(live, 2.0 * tau * xt / (xt + xs) ** 2, 0.0))
+        share = share.clamp(1.0 / (1.0 + max_temp_ratio), max_temp_ratio / (1.0 + max_temp_ratio))
+    return 2.0 * tau * (1.0 - share), 2.0 * tau * share
 
 
 def dtkd_term(
@@ -110,7 +86,15 @@ def dtkd_term(
     return (per_sample.mean() if reduce else per_sample), t_t, t_s
 
 
-@register_loss("dtkd")
+@register_loss(
+    "dtkd",
+    card=LossCard(
+        title="Dynamic Temperature Knowledge Distillation (DTKD)", paper="Wei & Bai, arXiv 2024",
+        arxiv="2404.12711", cites=("wei2024dtkd", "hinton2015distilling"),
+        summary="Teacher and student temperatures were set per image from their largest logits so that "
+        "both softened distributions have the same sharpness, combined with a plain KD term.",
+    ),
+)
 class DTKDLoss(DistillLoss):
     """DTKD: ``warmup * (dtkd_weight * L_DTKD + kd_weight * KD_T) + ce_weight * CE``.
 
@@ -124,37 +108,20 @@ class DTKDLoss(DistillLoss):
         dtkd_weight: ``alpha``, weight of the dynamic-temperature term (3.0).
         kd_weight: ``beta``, weight of the plain KD term at temperature ``T`` (1.0).
         ce_weight: ``gamma``, weight of cross-entropy with the labels (1.0).
-        warmup_epochs: epochs over which both KD terms ramp up linearly (20, as the authors);
-            0 disables the warm-up (then ``epoch`` is not needed).
-        max_temp_ratio: guard: the largest allowed ``T_t / T_s`` (and ``T_s / T_t``), must be >= 1;
-            4.0 keeps a fresh student trainable; ``None`` gives the authors' unguarded formula
-            (maxima floored at 1e-6 only). See the module docstring.
-        logit_standardize: z-score both logit vectors before both KD terms (Sun et al. 2024);
-            standardized maxima are always positive.
-        check_inputs: validate labels and finiteness on every call (one host sync).
+        warmup_epochs: epochs over which both KD terms ramp up linearly (20); 0 disables it.
+        max_temp_ratio: the guard's largest ``T_t / T_s`` (and ``T_s / T_t``), >= 1 (4.0); ``None``
+            gives the authors' unguarded formula (maxima floored at 1e-6 only).
+        logit_standardize: z-score both logits before both KD terms (their maxima are then > 0).
 
     Returns a dict with ``loss``, ``ce``, ``dtkd``, ``kd``, ``warmup`` (the factor applied) and the
     batch means of the temperatures, ``temp_teacher`` and ``temp_student``.
     """
 
     name = "dtkd"
-    #: ``torch.compile`` options on CPU (``compile_loss``): Inductor forms a pointwise value again in
-    #: every loop that reads it unless it is read more than ``realize_reads_threshold`` times (4);
-    #: DTKD's compiled forward reads its exps in the row sums and again in the gradient's loop, and
-    #: at 2 Inductor stores two of them in the first loop and the gradient reads them back (six
-    #: exps per element instead of eight: 0.82-0.88 of the time, docs/losses.md). Not measured on
-    #: GPU, where Triton's exp is cheap and stored tensors cost bandwidth, so CPU only.
-    cpu_compile_options = {"realize_reads_threshold": 2}
 
     def __init__(
-        self,
-        tau: float = 4.0,
-        dtkd_weight: float = 3.0,
-        kd_weight: float = 1.0,
-        ce_weight: float = 1.0,
-        warmup_epochs: float = 20,
-        max_temp_ratio: float | None = 4.0,
-        logit_standardize: bool = False,
+        self, tau: float = 4.0, dtkd_weight: float = 3.0, kd_weight: float = 1.0, ce_weight: float = 1.0,
+        warmup_epochs: float = 20, max_temp_ratio: float | None = 4.0, logit_standardize: bool = False,
         check_inputs: bool = True,
     ):
         super().__init__(check_inputs=check_inputs)
@@ -176,47 +143,20 @@ class DTKDLoss(DistillLoss):
         self.logit_standardize = bool(logit_standardize)
 
     def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        target: torch.Tensor,
-        *,
-        epoch: float | None = None,
-    ) -> dict[str, torch.Tensor]:
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *, epoch: float | None = None
+    ) -> dict[str, Tensor]:
         warmup = warmup_factor(epoch, self.warmup_epochs, self.name)
         x = self.prepare(student_logits, teacher_logits, target)
         with self.float32(x.student):
-            soft = x.target if x.soft else None
-            if not self.logit_standardize:  # the whole objective in one Function (``_fused.py``)
-                t_max = x.teacher.amax(dim=1, keepdim=True)
-                loss, ce, kd, dtkd, t_t, t_s = dtkd_objective(
-                    x.student, x.teacher, x.labels, soft, self.tau, self.ce_weight, warmup * self.kd_weight,
-                    warmup * self.dtkd_weight,
-                    lambda xs: dtkd_temperatures(xs, t_max, self.tau, self.max_temp_ratio, slope=True), t_max,
-                )
-                return {
-                    "loss": loss, "ce": ce, "dtkd": dtkd, "kd": kd,
-                    "warmup": torch.as_tensor(warmup, device=loss.device),
-                    "temp_teacher": t_t.mean(), "temp_student": t_s.mean(),
-                }
             zs, zt = x.student, x.teacher
             if self.logit_standardize:
                 zs, zt = standardize_logits(zs), standardize_logits(zt)
+            ce = cross_entropy(x.student, x.target)
             dtkd, t_t, t_s = dtkd_term(zs, zt, self.tau, self.max_temp_ratio)
-            # CE and KD_T in one Function (``_fused.py``; KD_T is ``kd.py``'s term)
-            eps = STANDARDIZE_EPS if self.logit_standardize else None
-            p, h = tempered_target(x.teacher, self.tau, eps)
-            ce_kd, ce, kd = soft_target_objective(
-                x.student, x.labels, x.target if x.soft else None, p, self.tau, self.ce_weight,
-                warmup * self.kd_weight, h, eps,
-            )
-            loss = warmup * self.dtkd_weight * dtkd + ce_kd
+            kd = kd_term(zs, zt, self.tau)
+            loss = self.ce_weight * ce + warmup * (self.dtkd_weight * dtkd + self.kd_weight * kd)
         return {
-            "loss": loss,
-            "ce": ce,
-            "dtkd": dtkd.detach(),
-            "kd": kd,
+            "loss": loss, "ce": ce.detach(), "dtkd": dtkd.detach(), "kd": kd.detach(),
             "warmup": torch.as_tensor(warmup, device=loss.device),
-            "temp_teacher": t_t.detach().mean(),
-            "temp_student": t_s.detach().mean(),
+            "temp_teacher": t_t.detach().mean(), "temp_student": t_s.detach().mean(),
         }

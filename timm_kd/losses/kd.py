@@ -7,36 +7,40 @@ Math, per sample, with temperature ``T``::
     KD_T = T^2 * KL(p || q) = T^2 * sum_k p_k (log p_k - log q_k)        (batch mean)
     loss = ce_weight * CE(z_s, y) + kd_weight * KD_T
 
-The ``T^2`` factor keeps the soft-target gradient's magnitude independent of ``T``. The KD term is
-exactly the one computed by timm's ``timm.task.LogitDistillationTask`` (``F.kl_div(...,
-reduction="batchmean", log_target=True) * T**2``); tests compare the two.
-
-With ``logit_standardize=True`` both logit vectors are z-scored first (see ``standardize.py``).
+The ``T^2`` factor keeps the soft-target gradient's magnitude independent of ``T``: the student
+gradient of ``KD_T`` is ``T (q - p) / B``. The KD term is the one timm's
+``timm.task.LogitDistillationTask`` computes (``F.kl_div(..., reduction="batchmean",
+log_target=True) * T**2``); tests compare the two.
 """
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from ._base import DistillLoss, check_non_negative, check_positive
-from ._fused import soft_target_objective, tempered_kl, tempered_target
-from ._registry import register_loss
-from .standardize import STANDARDIZE_EPS
+from ._base import DistillLoss, check_non_negative, check_positive, cross_entropy
+from ._registry import LossCard, register_loss
+from .functional import standardize_logits, tempered_kl
 
-__all__ = ["KDLoss", "kd_term", "tempered_target"]
+__all__ = ["KDLoss", "kd_term"]
 
 
 def kd_term(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float, reduce: bool = True
 ) -> torch.Tensor:
-    """``tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau))``, batch mean (or per sample).
-
-    Its student gradient is ``tau * (q - p) / B`` (``_fused.py`` computes it in closed form).
-    """
+    """``tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau))``, batch mean (or per sample)."""
     kl = tempered_kl(student_logits, teacher_logits, tau, tau) * tau**2
     return kl.mean() if reduce else kl
 
 
-@register_loss("kd")
+@register_loss(
+    "kd",
+    card=LossCard(
+        title="Hinton knowledge distillation (KD)", paper="Hinton, Vinyals & Dean, 2015",
+        arxiv="1503.02531", cites=("hinton2015distilling",),
+        summary="The student was trained on cross-entropy with the labels plus the KL divergence between "
+        "the teacher's and its own temperature-softened class probabilities.",
+    ),
+)
 class KDLoss(DistillLoss):
     """Hinton KD: ``ce_weight * CE + kd_weight * tau^2 * KL(p_t^tau || p_s^tau)``.
 
@@ -48,18 +52,13 @@ class KDLoss(DistillLoss):
         kd_weight: weight of the KD term (0.9, same source). mdistiller's ImageNet ResNet34 ->
             ResNet18 config uses ``tau=1, ce_weight=0.5, kd_weight=0.5`` (71.03 %).
         logit_standardize: z-score both logit vectors before the softmax (Sun et al. 2024).
-        check_inputs: validate labels and finiteness on every call (one host sync).
     """
 
     name = "kd"
 
     def __init__(
-        self,
-        tau: float = 4.0,
-        ce_weight: float = 0.1,
-        kd_weight: float = 0.9,
-        logit_standardize: bool = False,
-        check_inputs: bool = True,
+        self, tau: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
+        logit_standardize: bool = False, check_inputs: bool = True,
     ):
         super().__init__(check_inputs=check_inputs)
         self.tau = check_positive("tau", tau, self.name)
@@ -68,19 +67,14 @@ class KDLoss(DistillLoss):
         self.logit_standardize = bool(logit_standardize)
 
     def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        target: torch.Tensor,
-        *,
-        epoch: float | None = None,
-    ) -> dict[str, torch.Tensor]:
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *, epoch: float | None = None
+    ) -> dict[str, Tensor]:
         x = self.prepare(student_logits, teacher_logits, target)
-        eps = STANDARDIZE_EPS if self.logit_standardize else None
         with self.float32(x.student):
-            p, h = tempered_target(x.teacher, self.tau, eps)
-            loss, ce, kd = soft_target_objective(
-                x.student, x.labels, x.target if x.soft else None, p, self.tau, self.ce_weight,
-                self.kd_weight, h, eps,
-            )
-        return {"loss": loss, "ce": ce, "kd": kd}
+            zs, zt = x.student, x.teacher
+            if self.logit_standardize:
+                zs, zt = standardize_logits(zs), standardize_logits(zt)
+            ce = cross_entropy(x.student, x.target)
+            kd = kd_term(zs, zt, self.tau)
+            loss = self.ce_weight * ce + self.kd_weight * kd
+        return {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}

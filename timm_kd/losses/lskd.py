@@ -1,7 +1,7 @@
 """KD with logit standardization (Sun, Zhu, Ren, Bai, Chen; "Logit Standardization in Knowledge
 Distillation", CVPR 2024, arXiv 2403.01427; authors' code: github sunshangquan/logit-standardization-KD).
 
-Hinton KD on z-scored logits (``standardize.py``), with the paper's settings::
+Hinton KD on z-scored logits (``functional.standardize_logits``), with the paper's settings::
 
     loss = 0.1 * CE(z_s, y) + 9 * tau^2 * KL(softmax(Z(z_t) / tau) || softmax(Z(z_s) / tau)),  tau = 2
 
@@ -12,36 +12,27 @@ results. Cross-entropy sees the raw student logits, as in the authors' code.
 """
 from __future__ import annotations
 
-from ._registry import register_loss
+from ._registry import LossCard, register_loss
 from .kd import KDLoss
 
 __all__ = ["LSKDLoss"]
 
 
-@register_loss("lskd")
+@register_loss(
+    "lskd",
+    card=LossCard(
+        title="Knowledge distillation with logit standardization", paper="Sun et al., CVPR 2024",
+        arxiv="2403.01427", cites=("sun2024lskd", "hinton2015distilling"),
+        summary="Both models' logits were z-score standardized before the temperature softmax of KD.",
+    ),
+)
 class LSKDLoss(KDLoss):
-    """KD with logit standardization: ``KDLoss(logit_standardize=True)`` with the paper's defaults.
-
-    Args:
-        tau: base temperature applied to the standardized logits (2.0).
-        ce_weight: weight of cross-entropy with the labels (0.1).
-        kd_weight: weight of the KD term (9.0).
-        check_inputs: validate labels and finiteness on every call (one host sync).
-    """
+    """``KDLoss(logit_standardize=True)`` with the paper's defaults: ``tau`` 2.0 (the base
+    temperature on the standardized logits), ``ce_weight`` 0.1, ``kd_weight`` 9.0."""
 
     name = "lskd"
 
     def __init__(
-        self,
-        tau: float = 2.0,
-        ce_weight: float = 0.1,
-        kd_weight: float = 9.0,
-        check_inputs: bool = True,
+        self, tau: float = 2.0, ce_weight: float = 0.1, kd_weight: float = 9.0, check_inputs: bool = True,
     ):
-        super().__init__(
-            tau=tau,
-            ce_weight=ce_weight,
-            kd_weight=kd_weight,
-            logit_standardize=True,
-            check_inputs=check_inputs,
-        )
+        super().__init__(tau, ce_weight, kd_weight, logit_standardize=True, check_inputs=check_inputs)

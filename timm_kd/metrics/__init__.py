@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import evaluate
+
 __all__ = ["TOPK_ACCURACY_PATH", "load_topk_metric"]
 
 #: folder of the top-k accuracy metric module, for ``evaluate.load(TOPK_ACCURACY_PATH)``
@@ -21,7 +23,5 @@ def load_topk_metric(config_name: str | None = None, **kwargs: Any) -> Any:
         config_name: ``None``/``"default"`` for class ids (ranked best first), ``"logits"`` for raw scores.
         kwargs: passed to ``evaluate.load`` (``keep_in_memory`` defaults to True: no arrow files on disk).
     """
-    import evaluate
-
     kwargs.setdefault("keep_in_memory", True)
     return evaluate.load(TOPK_ACCURACY_PATH, config_name, **kwargs)

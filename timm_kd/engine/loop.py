@@ -1,0 +1,476 @@
+"""The training loop: ``fit`` reads top to bottom as check, set up, check the teacher, train and
+evaluate each epoch, finish.
+
+Reproducibility. The order of the training samples is a pure function of ``(seed, epoch)``
+(``timm_kd.data.SeededSampler``), the augmentation of a sample a pure function of ``(seed, epoch,
+index)``, and the global RNGs (Mixup/CutMix, drop-path, dropout) are re-seeded before every batch
+from ``(seed, rank, epoch, batch)``. So skipping the first batches of an epoch on resume replays
+exactly what an uninterrupted run would have seen.
+
+Steps. ``global_step`` counts optimizer updates (``grad_accum_steps`` batches each); the scheduler,
+``checkpoint_every``, ``log_every`` and ``max_train_steps`` all count optimizer updates. The hot
+loop keeps every statistic on the device; values reach the host only every ``log_every`` steps
+(and for checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.data.mixup import one_hot
+from timm.utils import dispatch_clip_grad
+from tqdm.auto import tqdm
+
+from ..cache import CachedTeacher
+from ..losses import cross_entropy
+from .args import config_from_args
+from .checkpoint import save_checkpoint, state_json
+from .config import (
+    BrokenTeacherError,
+    EvalResult,
+    FitResult,
+    TrainConfig,
+    TrainingDivergedError,
+    check_config,
+)
+from .evaluate import evaluate_model, format_metrics, metric_floats, teacher_is_at_chance
+from .setup import Run, build_accelerator, setup_run
+from .summary import finish
+
+__all__ = ["fit", "TARGET_FLIP_WARNING"]
+
+#: warn (once per run) when an ATS-family target ranks a wrong class first, where the teacher's own
+#: logits rank the label first (the loss's ``induced_flip``), on more than this fraction of the
+#: samples: docs/capacity_study.md measured 11-34 % with the authors' tau 4 / 3 on
+#: teachers whose logits are small for 100 classes, and ats then trailed kd by 3 points.
+TARGET_FLIP_WARNING = 0.05
+
+
+def _reseed(seed: int, rank: int, epoch: int, batch_idx: int) -> None:
+    """Seed the global RNGs (Mixup/CutMix, drop-path, dropout) from ``(seed, rank, epoch, batch)``.
+
+    Done before every batch, so the randomness of a batch does not depend on what ran before it
+    in this process. ``accelerator.load_state`` also restores the RNG states of a checkpoint, but
+    it skips them with only an info-level log line when it cannot read them; with this, a resumed
+    run that skips the first batches of an epoch draws the same numbers either way.
+    """
+    s = int(np.random.SeedSequence([seed, rank, epoch, batch_idx]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks during the run
+# --------------------------------------------------------------------------------------------------
+
+
+def _cached_teacher_report(run: Run, teacher: CachedTeacher) -> tuple[str, float, int, str, str]:
+    """A cached teacher's top-1 on the views it cached (from the build): no teacher in memory."""
+    m = teacher.cache.manifest
+    name, top1, n = m["teacher"], float(m["teacher_view_top1"]), int(m["num_rows"])
+    tail = "dropped logits rebuilt flat"
+    if m["top_k"] == m["num_classes"]:
+        tail = "every logit stored"
+    elif teacher.tail_prior is not None:
+        tail = "dropped logits rebuilt from the tail prior"
+    run.log(
+        f"teacher {name} from cache {teacher.cache.root}: top-1 {top1:.2f}% on its {n} cached "
+        f"training views (top-{m['top_k']} logits, {m['bytes_per_view']:.1f} bytes per view; {tail})"
+    )
+    fix = "Rebuild the cache with a trained teacher (pretrained tag or --teacher-checkpoint)."
+    return name, top1, n, f"on its own {n} cached training views", fix
+
+
+def _live_teacher_report(run: Run) -> tuple[str, float, int, str, str]:
+    """A live teacher's top-1 on the validation split (recorded in the run's state)."""
+    config = run.config
+    res = evaluate_model(
+        run.accelerator,
+        run.wrapper.teacher_logits,
+        run.val_loader,
+        run.metric,
+        max_steps=config.max_eval_steps,
+        k=run.k_top,
+        desc="teacher eval",
+        progress=config.progress,
+    )
+    run.state["teacher_metrics"] = metric_floats(res.metrics)
+    name, top1, n = config.teacher, res.metrics["top1"], res.metrics["num_samples"]
+    run.log(f"teacher {name}: {format_metrics(res.metrics)} on {n} {config.val_split} images")
+    fix = (
+        "Check that the teacher predicts this dataset's classes (--class-map for another label set), "
+        "that its weights loaded (pretrained tag or --teacher-checkpoint) and its input normalization."
+    )
+    return name, top1, n, f"on {config.dataset}[{config.val_split}] ({n} images)", fix
+
+
+def _check_teacher(run: Run, teacher_given: bool) -> None:
+    """Evaluate the teacher once; a teacher at chance level is an error (or a warning)."""
+    config, state = run.config, run.state
+    if run.wrapper is None or state["teacher_metrics"] is not None or config.teacher_check == "off":
+        return
+    if isinstance(run.wrapper.teacher, CachedTeacher):
+        name, top1, n, where, fix = _cached_teacher_report(run, run.wrapper.teacher)
+    else:
+        name, top1, n, where, fix = _live_teacher_report(run)
+    if not teacher_is_at_chance(top1, run.num_classes, n):
+        return
+    msg = (
+        f"broken teacher: {name} reaches top-1 {top1:.2f}% {where}, chance level is "
+        f"{100.0 / run.num_classes:.2f}%; distilling from it would teach noise. {fix} "
+        "--teacher-check warn continues anyway."
+    )
+    mode = config.teacher_check
+    if mode == "auto":
+        trained = teacher_given or config.pretrained_teacher or config.teacher_checkpoint is not None
+        mode = "error" if trained else "warn"
+    if mode == "error":
+        raise BrokenTeacherError(msg)
+    warnings.warn(msg)
+    run.log("WARNING: " + msg)
+
+
+def _check_finite(run: Run, where: str) -> None:
+    """Raise ``TrainingDivergedError`` if any rank saw a NaN/inf loss (one host sync, all ranks)."""
+    big = 2**62
+    flag = torch.where(run.bad_step < 0, torch.full_like(run.bad_step, big), run.bad_step).reshape(1)
+    step = int(run.accelerator.gather(flag).min()) if run.accelerator.num_processes > 1 else int(flag)
+    if step < big:
+        good = run.last_good
+        raise TrainingDivergedError(
+            f"the loss became NaN/inf at optimizer step {step} (epoch {run.state['epoch'] + 1}; "
+            f"found {where}). "
+            f"Last good checkpoint: {good or 'none (none written yet)'}. Resume from it with "
+            f"--resume {good or 'latest'} and a lower --lr, --clip-grad 1.0, or bf16 instead of fp16."
+        )
+
+
+def _warn_target_flip(run: Run, flip: float | None) -> None:
+    if flip is None or run.warned_flip or flip <= TARGET_FLIP_WARNING:
+        return
+    run.warned_flip = True
+    kw = run.config.loss_kwargs
+    run.log(
+        f"WARNING: the {run.config.method} target ranks a wrong class above the label on "
+        f"{100 * flip:.1f} % of the training samples the teacher itself gets right "
+        f"(tau_correct={kw.get('tau_correct', 'default')}, tau_wrong={kw.get('tau_wrong', 'default')}), "
+        "so its KD term pulls against cross-entropy there. "
+        "These temperatures are too far apart for this teacher's logit scale: pick them with "
+        "timm_kd.diagnostics.suggest_ats_temperatures(teacher_logits, labels) on training-set logits, "
+        "or raise tau_wrong towards tau_correct."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# One epoch, in steps
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stats:
+    """Loss-term sums on the device: since the last log, and since the start of the epoch (this
+    process' part of it)."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    n: int = 0
+    images: int = 0
+    t: float = field(default_factory=time.time)
+    epoch_sums: dict[str, Any] = field(default_factory=dict)
+    epoch_n: int = 0
+
+    def add(self, terms: dict[str, torch.Tensor], images: int) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+            self.epoch_sums[k] = self.epoch_sums.get(k, 0) + v
+        self.n += 1
+        self.epoch_n += 1
+        self.images += images
+
+    def reset_log(self) -> None:
+        self.sums, self.n, self.images, self.t = {}, 0, 0, time.time()
+
+
+def _inputs(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's images (channels-last if asked) and targets (Mixup/CutMix or smoothed if asked)."""
+    config = run.config
+    images, target = batch["pixel_values"], batch["label"]
+    if config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    if run.mixup_fn is not None:
+        images, target = run.mixup_fn(images, target)
+    elif config.smoothing > 0:
+        off = config.smoothing / run.num_classes
+        target = one_hot(target, run.num_classes, on_value=1.0 - config.smoothing + off, off_value=off)
+    return images, target
+
+
+def _forward(run: Run, images, target, batch: dict[str, Any], epoch_f: float) -> dict[str, torch.Tensor]:
+    """The loss terms of one batch (distilled, or cross-entropy alone); a loss's own finiteness
+    check becomes a ``TrainingDivergedError``."""
+    try:
+        with run.accelerator.autocast():
+            if run.wrapper is not None:
+                # a cached teacher's columns ride in the batch (none for a live teacher)
+                inputs = {k: batch[k] for k in run.wrapper.teacher_input_keys}
+                return run.wrapper(images, target, epoch=epoch_f, **inputs)
+            logits = run.student(images)
+            ce = cross_entropy(logits.float(), target)
+            return {"loss": ce, "ce": ce.detach(), "output": logits}
+    except FloatingPointError as e:  # the loss's own finiteness check (NaN/inf logits)
+        good = run.last_good
+        # an earlier NaN loss seen here; no collective, this may be the only rank raising
+        earlier = int(run.bad_step)
+        step = earlier if earlier >= 0 else run.state["global_step"] + 1
+        raise TrainingDivergedError(
+            f"the loss became NaN/inf at optimizer step {step} (epoch {run.state['epoch'] + 1}): "
+            f"{e} Last good checkpoint: {good or 'none (none written yet)'}; resume with "
+            f"--resume {good or 'latest'} and a lower --lr or --clip-grad 1.0."
+        ) from e
+
+
+def _terms(run: Run, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The scalar loss terms to log (and the student-teacher top-1 agreement); marks the first
+    step with a non-finite loss, on the device."""
+    first_bad = torch.full_like(run.bad_step, run.state["global_step"] + 1)
+    bad = ~torch.isfinite(out["loss"].detach())
+    run.bad_step = torch.where(bad & (run.bad_step < 0), first_bad, run.bad_step)
+    terms = {
+        k: v.detach().float()
+        for k, v in out.items()
+        if k not in ("output", "teacher_output") and torch.is_tensor(v) and v.dim() == 0
+    }
+    if "teacher_output" in out:
+        same = out["output"].argmax(-1) == out["teacher_output"].argmax(-1)
+        terms["agreement"] = same.float().mean() * 100
+    return terms
+
+
+def _optimizer_step(run: Run) -> int:
+    """Clip, step, advance the counters, the scheduler and the EMA; returns the new global step."""
+    config, acc, state = run.config, run.accelerator, run.state
+    if config.clip_grad is not None:
+        if config.clip_mode == "norm":
+            acc.clip_grad_norm_(run.student.parameters(), config.clip_grad)
+        else:
+            acc.unscale_gradients()
+            dispatch_clip_grad(list(run.student.parameters()), config.clip_grad, mode=config.clip_mode)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state["global_step"] += 1
+    state["step_in_epoch"] += 1
+    gs = state["global_step"]
+    if run.scheduler is not None:
+        run.scheduler.step_update(num_updates=gs)
+    if run.model_ema is not None:
+        run.model_ema.update(acc.unwrap_model(run.student), step=gs)
+    return gs
+
+
+def _log(run: Run, stats: _Stats, bar, gs: int) -> None:
+    """Log the mean loss terms since the last log (a host sync and a collective)."""
+    config, acc = run.config, run.accelerator
+    _check_finite(run, "at a logging step")
+    logs = {f"train/{k}": v / max(stats.n, 1) for k, v in _rank_mean(acc, stats.sums).items()}
+    logs["train/lr"] = run.optimizer.param_groups[0]["lr"]
+    logs["train/img_per_s"] = stats.images / max(time.time() - stats.t, 1e-9)
+    shown = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in logs.items()}
+    bar.set_postfix(shown, refresh=False)
+    run.log(
+        f"step {gs}/{run.total_updates} epoch {run.state['epoch'] + 1}: "
+        + " ".join(f"{k} {v}" for k, v in shown.items())
+    )
+    if config.report_to:
+        acc.log(logs, step=gs)
+    _warn_target_flip(run, logs.get("train/induced_flip"))
+    stats.reset_log()
+
+
+def _train_epoch(run: Run, bar) -> dict[str, float]:
+    """Train until the end of the epoch (or ``max_train_steps``); return the epoch's mean loss terms."""
+    config, acc, state = run.config, run.accelerator, run.state
+    accum, world, epoch = config.grad_accum_steps, acc.num_processes, state["epoch"]
+    run.student.train()
+    run.train_loader.set_epoch(epoch)
+    skip = state["step_in_epoch"] * accum
+    batches = iter(acc.skip_first_batches(run.train_loader, skip) if skip else run.train_loader)
+    batch_idx = skip - 1
+    stats = _Stats()
+    if skip and state.get("epoch_partial"):  # resumed mid-epoch: the epoch's sums so far (rank mean)
+        stats.epoch_sums, stats.epoch_n = dict(state["epoch_partial"]["sums"]), state["epoch_partial"]["n"]
+    while state["step_in_epoch"] < run.updates_per_epoch and state["global_step"] < run.total_updates:
+        # one optimizer update = `accum` batches (fewer for the last update of an epoch)
+        n_group = min(accum, run.batches_per_epoch - state["step_in_epoch"] * accum)
+        done = 0
+        for micro in range(n_group):
+            batch_idx += 1
+            _reseed(config.seed, acc.process_index, epoch, batch_idx)
+            batch = next(batches, None)
+            if batch is None:
+                break
+            state["num_skipped"] += int(batch.get("num_skipped", 0))
+            images, target = _inputs(run, batch)
+            epoch_f = epoch + 1 + state["step_in_epoch"] / run.updates_per_epoch  # 1-based, fractional
+            with contextlib.nullcontext() if micro == n_group - 1 else acc.no_sync(run.student):
+                out = _forward(run, images, target, batch, epoch_f)
+                acc.backward(out["loss"] / n_group)
+            stats.add(_terms(run, out), images.shape[0] * world)
+            done += 1
+        if done == 0:
+            break  # a streamed loader ran out early
+        gs = _optimizer_step(run)
+        bar.update(1)
+        if gs % config.log_every == 0 or gs == run.total_updates:
+            _log(run, stats, bar, gs)
+        mid_epoch = state["step_in_epoch"] < run.updates_per_epoch
+        if (
+            config.checkpoint_every
+            and gs % config.checkpoint_every == 0
+            and mid_epoch
+            and gs < run.total_updates
+        ):
+            _check_finite(run, "before writing a checkpoint")
+            state["epoch_partial"] = {"n": stats.epoch_n, "sums": _rank_mean(acc, stats.epoch_sums)}
+            run.last_good = str(save_checkpoint(acc, run.out_dir, state_json(state), config.keep_checkpoints))
+    _check_finite(run, "at the end of the epoch")
+    state["epoch_partial"] = None
+    return {k: v / max(stats.epoch_n, 1) for k, v in _rank_mean(acc, stats.epoch_sums).items()}
+
+
+def _rank_mean(acc, values: dict[str, Any]) -> dict[str, float]:
+    """The mean over processes of each value (a collective: every rank calls it at the same point)."""
+    keys = list(values)
+    if not keys:
+        return {}
+    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=acc.device) for k in keys])
+    return dict(zip(keys, acc.reduce(stacked, reduction="mean").tolist()))
+
+
+def _evaluate_epoch(run: Run, train_means: dict[str, float]) -> EvalResult:
+    """Evaluate the student (its EMA with ``model_ema``), record the epoch, log it."""
+    config, state, acc = run.config, run.state, run.accelerator
+    epoch = state["epoch"]
+    model = run.model_ema.module if run.model_ema is not None else run.student
+    model.eval()
+    res = evaluate_model(
+        acc,
+        model,
+        run.val_loader,
+        run.metric,
+        max_steps=config.max_eval_steps,
+        k=run.k_top,
+        desc=f"eval epoch {epoch + 1}",
+        progress=config.progress,
+    )
+    m = metric_floats(res.metrics)
+    state["history"].append(
+        {"epoch": epoch + 1, "global_step": state["global_step"], **m, "train": train_means}
+    )
+    if state["best_metrics"] is None or m["top1"] > state["best_metrics"]["top1"]:
+        state["best_metrics"], state["best_epoch"] = m, epoch + 1
+    terms = " ".join(f"{k} {v:.4g}" for k, v in train_means.items())
+    best = f"best top1 {state['best_metrics']['top1']:.2f} (epoch {state['best_epoch']})"
+    run.log(
+        f"epoch {epoch + 1}/{config.epochs} (step {state['global_step']}): train {terms} | "
+        f"val {format_metrics(m)} | {best}"
+    )
+    if config.report_to:
+        logs = {f"val/{k}": v for k, v in m.items() if k.startswith("top")}
+        acc.log({**logs, "epoch": epoch + 1}, step=state["global_step"])
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------------------
+
+
+def _announce(run: Run) -> None:
+    config, acc = run.config, run.accelerator
+    n_params = sum(p.numel() for p in acc.unwrap_model(run.student).parameters()) / 1e6
+    how = "alone (cross-entropy)"
+    if run.wrapper is not None:
+        how = f"with {config.method}{' (compiled)' if config.compile_loss else ''} from {config.teacher}"
+    run.log(
+        f"training {config.student} ({n_params:.2f}M params) {how}: {acc.num_processes} "
+        f"process(es) x batch {config.batch_size} x accumulation {config.grad_accum_steps}, "
+        f"{run.updates_per_epoch} steps/epoch, {run.total_updates} steps, lr {run.lr:.4g}"
+    )
+
+
+def fit(
+    config: TrainConfig | argparse.Namespace,
+    *,
+    student: nn.Module | None = None,
+    teacher: nn.Module | None = None,
+    accelerator=None,
+    card_meta: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train one student: distill it from a teacher, or with ``method="ce"`` train it alone.
+
+    See ``timm_kd.engine`` for what happens, in order.
+
+    Args:
+        config: a ``TrainConfig`` (or the ``argparse`` namespace of ``add_train_args``).
+        student: an already built student (else ``config.student`` is created with timm).
+        teacher: an already built teacher module (else built from ``config.teacher``).
+        accelerator: an ``Accelerator`` (else ``build_accelerator(config)``).
+        card_meta: extra run metadata for the model card (``timm_kd.hub.META_KEYS``), e.g.
+            ``{"student_alone_metrics": {...}}``.
+
+    Raises (all before training where the cause is known up front):
+        ValueError / FileNotFoundError: bad configuration or data.
+        BrokenTeacherError: the teacher is at chance level on the eval split.
+        TrainingDivergedError: the loss became NaN/inf; names the step and the last good checkpoint.
+    """
+    if isinstance(config, argparse.Namespace):
+        config = config_from_args(config)
+    t_start = time.time()
+    if config.method == "ce" and config.teacher is not None:
+        config = dataclasses.replace(config, teacher=None)  # trained alone: the teacher is not used
+    check_config(config)
+    accelerator = accelerator or build_accelerator(config)
+    if accelerator.is_main_process:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    run = setup_run(config, accelerator, student, teacher)
+    if config.report_to:
+        flat = {
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()
+        }
+        accelerator.init_trackers(run.out_dir.name or "timm_kd", config=flat)
+    _check_teacher(run, teacher_given=teacher is not None)
+    _announce(run)
+
+    state = run.state
+    bar = tqdm(
+        total=run.total_updates,
+        initial=state["global_step"],
+        desc="train",
+        disable=not (config.progress and accelerator.is_local_main_process),
+        dynamic_ncols=True,
+    )
+    last_eval = None
+    while state["epoch"] < config.epochs and state["global_step"] < run.total_updates:
+        train_means = _train_epoch(run, bar)
+        finished = state["step_in_epoch"] >= run.updates_per_epoch
+        if finished or state["global_step"] >= run.total_updates:
+            last_eval = _evaluate_epoch(run, train_means)
+        if finished:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+            run.last_good = str(
+                save_checkpoint(accelerator, run.out_dir, state_json(state), config.keep_checkpoints)
+            )
+    bar.close()
+    return finish(run, last_eval, t_start, card_meta or {})
