@@ -272,8 +272,12 @@ def train_teachers(args, out, data, data_tag, accelerator):
 def teacher_diagnostics(teachers, y_train, out, accelerator):
     """From the training-set logits only (never the test set): the ATS temperatures the helper
     suggests for each teacher, and the wrong-class statistics of the smallest and largest."""
-    for t in teachers.values():
-        t["suggestion"] = diagnostics.suggest_ats_temperatures(t["logits"], y_train)
+    for name, t in teachers.items():
+        try:
+            t["suggestion"] = diagnostics.suggest_ats_temperatures(t["logits"], y_train)
+        except diagnostics.TeacherAtChanceError as e:  # e.g. --quick's barely trained teachers
+            accelerator.print(f"note: teacher {name}: {e} The 'ats (suggested)' cells use it anyway.")
+            t["suggestion"] = diagnostics.suggest_ats_temperatures(t["logits"], y_train, check_teacher=False)
         probs = t["logits"].softmax(-1)
         t["train_confidence"] = 100.0 * probs.max(-1).values.mean().item()
     if accelerator.is_main_process:

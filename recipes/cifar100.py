@@ -8,8 +8,12 @@ one with cross-entropy on the same schedule (as the papers do before distilling)
 format to <output-dir>/teacher/student, then distills from that folder. Resume either stage with
 --resume latest.
 
+Installed with pip (no clone), the same run is `timm-kd train --recipe cifar100 ...`. With
+--method ce the student trains alone with cross-entropy (the baseline the papers compare with).
+
 Schedule (timm_kd.engine.CIFAR100_DEFAULTS, from the papers): SGD lr 0.05, momentum 0.9, weight decay
-5e-4, 240 epochs, lr x0.1 at epochs 150, 180 and 210. Per method (METHODS below):
+5e-4, 240 epochs, lr x0.1 at epochs 150, 180 and 210. Per method
+(timm_kd.engine.recipes.CIFAR100_METHODS):
   ats, isats: batch 128 and a 5-epoch linear warm-up (ATS authors' scripts), tau_correct=4,
               tau_wrong=3, student temperature 1, lambda=0.5;
   dtkd:       batch 64, tau=4, alpha=3, beta=1, gamma=1, KD warm-up over 20 epochs (DTKD authors,
@@ -28,63 +32,39 @@ Smoke test with the embedded dataset and tiny models (nothing is downloaded):
 """
 
 import argparse
-import dataclasses
-import os
+import sys
 
-from timm_kd import engine, hub, list_losses
+from timm_kd import cli, engine  # neither imports torch: --help answers at once
 
-# Method-specific settings; everything else comes from engine.CIFAR100_DEFAULTS.
-METHODS = {
-    "ats": dict(
-        batch_size=128,
-        warmup_epochs=5,
-        warmup_lr=0.0,
-        loss_kwargs={"tau_correct": 4.0, "tau_wrong": 3.0, "student_tau": 1.0, "kd_weight": 0.5},
-    ),
-    "isats": dict(
-        batch_size=128, warmup_epochs=5, warmup_lr=0.0, loss_kwargs={"tau_correct": 4.0, "kd_weight": 0.5}
-    ),
-    "dtkd": dict(
-        batch_size=64,
-        loss_kwargs={"tau": 4.0, "dtkd_weight": 3.0, "kd_weight": 1.0, "ce_weight": 1.0, "warmup_epochs": 20},
-    ),
-    "kd": dict(batch_size=64, loss_kwargs={"tau": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}),
-}
+# The per-method settings (listed above) are timm_kd.engine.recipes.CIFAR100_METHODS; everything
+# else is engine.CIFAR100_DEFAULTS. `timm-kd train --recipe cifar100` uses the same tables.
+RECIPE = "cifar100"
 
 
 def main():
-    # 1. Arguments: --method first, because it picks the defaults of the others.
+    # 1. Arguments: --method first, because it picks the defaults of the others ('ce': the student
+    #    alone with cross-entropy, the baseline; any other name is a distillation loss).
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="ats", choices=list_losses())
+    pre.add_argument("--method", default="ats")
     method = pre.parse_known_args()[0].method
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=engine.HelpFormatter)
-    defaults = {**engine.CIFAR100_DEFAULTS, "method": method, **METHODS.get(method, {})}
-    engine.add_train_args(parser, **defaults)
-    group = parser.add_argument_group("teacher training (when no trained teacher is given)")
-    group.add_argument("--teacher-arch", default="resnet50", help="timm architecture of the teacher to train")
-    group.add_argument("--teacher-epochs", type=int, default=240, help="epochs of the teacher's CE training")
+    engine.add_train_args(parser, **engine.recipe_defaults(RECIPE, method))
+    cli.add_teacher_stage_args(parser)  # --teacher-arch, --teacher-epochs
     args = parser.parse_args()
     config = engine.config_from_args(args)
+
+    from timm_kd import hub  # imports torch: after parse_args, so that --help is instant
+
     if args.push_to_hub:
         hub.check_push_ready(args.push_to_hub)  # fails now, not after training
 
-    # 2. The teacher: given, or trained here with cross-entropy and saved in timm's format.
-    if config.teacher is None and config.teacher_checkpoint is None:
-        teacher_dir = os.path.join(config.output_dir, "teacher")
-        teacher_config = dataclasses.replace(
-            config,
-            student=args.teacher_arch,
-            method="ce",
-            loss_kwargs={},
-            epochs=args.teacher_epochs,
-            output_dir=teacher_dir,
-        )
+    # 2. The teacher: given, or trained here with cross-entropy and saved in timm's format
+    #    (<output-dir>/teacher/student); the distillation then reads it from that folder.
+    teacher_config, config = engine.teacher_stage(config, args.teacher_arch, args.teacher_epochs)
+    if teacher_config is not None:
         engine.fit(teacher_config)
-        config = dataclasses.replace(
-            config, teacher=f"local-dir:{os.path.join(teacher_dir, 'student')}", pretrained_teacher=True
-        )
 
-    # 3. Distill.
+    # 3. Distill (or, with --method ce, train the student alone).
     result = engine.fit(config)
 
     # 4. Publish.
@@ -93,4 +73,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    # a bad flag, a diverged run or a broken teacher: one line `error: ...`, exit status 2
+    sys.exit(cli.exit_on_error(main, "cifar100.py"))

@@ -9,6 +9,16 @@ Run it (one GPU, or all GPUs that `accelerate config` set up):
     accelerate launch recipes/imagenet_dtkd.py --output-dir runs/resnet18_dtkd
     accelerate launch recipes/imagenet_dtkd.py --push-to-hub your-name/resnet18-dtkd-in1k
 
+Distill from a teacher cache (the teacher runs once, FKD-style; docs/cache.md): build it with this
+recipe's flags, then train from it with the same flags (the build refuses or repairs an existing
+cache before the teacher runs):
+
+    accelerate launch recipes/imagenet_dtkd.py --build-teacher-cache cache/r50 --num-views 100 --top-k 10
+    accelerate launch recipes/imagenet_dtkd.py --teacher-cache cache/r50
+
+Installed with pip (no clone), the same run is `timm-kd train --recipe imagenet_dtkd ...`, and on many GPUs
+`accelerate launch -m timm_kd.cli train --recipe imagenet_dtkd ...`.
+
 Resume a stopped run with the same command plus `--resume latest`. Smoke test on a laptop CPU, with
 the embedded dataset and tiny random models (nothing is downloaded):
 
@@ -24,25 +34,29 @@ mdistiller's ImageNet settings do for DKD. recipes/imagenet_ats.py is this scrip
 """
 
 import argparse
+import sys
 
-from timm_kd import engine, hub
+from timm_kd import cli, engine  # neither imports torch: --help answers at once
 
-# The only part that differs between the ImageNet recipes: the method and its defaults.
-METHOD = dict(
-    method="dtkd",
-    loss_kwargs={"tau": 4.0, "dtkd_weight": 3.0, "kd_weight": 1.0, "ce_weight": 1.0, "warmup_epochs": 1},
-    output_dir="runs/imagenet_dtkd",
-)
+# The recipe's defaults live in the package (timm_kd.engine.recipes: the ImageNet practice plus
+# DTKD's settings), shared with `timm-kd train --recipe imagenet_dtkd`.
+RECIPE = "imagenet_dtkd"
 
 
 def main():
     # 1. Arguments: every flag of the engine, with ImageNet and DTKD defaults (see --help).
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=engine.HelpFormatter)
-    engine.add_train_args(parser, **{**engine.IMAGENET_DEFAULTS, **METHOD})
+    engine.add_train_args(parser, **engine.recipe_defaults(RECIPE))
+    engine.add_cache_args(parser)  # --build-teacher-cache DIR (see docs/cache.md)
     args = parser.parse_args()
     config = engine.config_from_args(args)
+    if args.build_teacher_cache:  # the teacher cache this run trains from (--teacher-cache DIR), then stop
+        engine.build_cache_from_args(config, args)
+        return
 
     # 2. A push that cannot work (bad repo id, no token, offline) fails now, not after training.
+    from timm_kd import hub  # imports torch: after parse_args, so that --help is instant
+
     if args.push_to_hub:
         hub.check_push_ready(args.push_to_hub)
 
@@ -56,4 +70,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    # a bad flag, a diverged run or a broken teacher: one line `error: ...`, exit status 2
+    sys.exit(cli.exit_on_error(main, "imagenet_dtkd.py"))

@@ -16,7 +16,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from _engine_utils import RECIPES, TINY_CONFIG, launch, output, sigkill_tree, subprocess_env
+from _engine_utils import RECIPES, TINY, TINY_CONFIG, launch, output, sigkill_tree, subprocess_env
 
 import timm_kd
 import timm_kd.cli
@@ -135,7 +135,7 @@ def test_bad_k_is_refused_with_the_valid_range(k):
 
 def test_bad_top_k_is_refused_by_cache_teacher_before_any_teacher_runs(tmp_path, capsys):
     code = timm_kd.cli.main(["cache-teacher", "--cache-dir", str(tmp_path / "c"), "--top-k", "101", *FLAGS])
-    assert code == 1
+    assert code == 2  # a user error: one line, status 2 (timm_kd.cli)
     assert "1 <= k <= num_classes (100), got k=101" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
 
@@ -518,10 +518,11 @@ def test_mismatched_or_incomplete_cache_is_refused(built, tmp_path):
     shutil.copytree(built, broken)
     m = json.loads((broken / "manifest.json").read_text())
     (broken / "manifest.json").write_text(json.dumps({**m, "complete": False}))
-    with pytest.raises(ValueError, match="incomplete .*Rerun the same `timm-kd cache-teacher`"):
+    with pytest.raises(ValueError, match="incomplete: all 3 shards are written, but the build stopped") as e:
         fit(teacher_cache=str(broken))
+    assert "merging the tail prior" in str(e.value) and f"cache-teacher --cache-dir {broken}" in str(e.value)
     # resuming a build with other settings is refused too
-    with pytest.raises(ValueError, match="built with other settings .*top_k: cache 5, now 6"):
+    with pytest.raises(ValueError, match="built with other settings .*top_k: cache 5, now 6.*--overwrite"):
         engine.build_teacher_cache(CONFIG, broken, **{**BUILD, "top_k": 6})
 
 
@@ -540,6 +541,129 @@ def test_resume_after_a_lost_shard_gives_the_same_cache(built, tmp_path):
     assert sorted(p.name for p in (partial / "data").iterdir()) == m["shards"]
     assert _rows(partial) == _rows(built)
     _assert_same_cache(partial, built)  # the tail prior too
+
+
+# ------------------------------------------------------------------------------------------------
+# integrity: the teacher's weights, damaged shards, the tail prior, what an incomplete build lacks
+
+
+def test_changed_teacher_weights_at_the_same_local_dir_are_refused(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from timm_kd.hub import save_pretrained
+
+    folder = tmp_path / "teacher"
+    torch.manual_seed(0)
+    save_pretrained(timm.create_model("test_resnet", num_classes=100), folder)
+    config = dataclasses.replace(
+        CONFIG, teacher=f"local-dir:{folder}", pretrained_teacher=True, teacher_input_size=32
+    )
+    out = tmp_path / "c"
+    manifest = engine.build_teacher_cache(config, out, **BUILD)
+    assert manifest["teacher_weights_source"] == "files"
+    assert manifest["teacher_weights_sha256"] == C.teacher_files_sha256(config.teacher, None)
+
+    torch.manual_seed(1)  # new weights, same path
+    save_file(
+        timm.create_model("test_resnet", num_classes=100).state_dict(), str(folder / "model.safetensors")
+    )
+    run = dict(teacher_cache=str(out), output_dir=str(tmp_path / "r"), max_train_steps=1)
+    with pytest.raises(ValueError, match=r"teacher_weights_sha256: cache .*weight files \(local-dir:"):
+        engine.fit(dataclasses.replace(config, **run))
+    with pytest.raises(ValueError, match="built with other settings .*teacher_weights_sha256.*--overwrite"):
+        engine.build_teacher_cache(config, out, **BUILD)  # refused before the teacher runs
+    rebuilt = engine.build_teacher_cache(config, out, **BUILD, overwrite=True)
+    assert rebuilt["complete"] and rebuilt["teacher_weights_sha256"] != manifest["teacher_weights_sha256"]
+
+
+def test_weights_from_a_module_are_fingerprinted_by_their_bytes():
+    import timm
+
+    torch.manual_seed(0)
+    a = timm.create_model("test_resnet", num_classes=10)
+    b = timm.create_model("test_resnet", num_classes=10)
+    assert C.state_dict_sha256(a) == C.state_dict_sha256(a) != C.state_dict_sha256(b)
+    assert C.teacher_files_sha256("resnet50.tv_in1k", None) is None  # a tag: not files (a rebuild checks)
+
+
+def test_damaged_shards_are_named_on_load_and_rebuilt_by_a_rerun(built, tmp_path, capsys):
+    out = tmp_path / "d"
+    shutil.copytree(built, out)
+    m = json.loads((out / "manifest.json").read_text())
+    first, truncated, deleted = (out / "data" / name for name in m["shards"])
+    size = truncated.stat().st_size
+    truncated.write_bytes(truncated.read_bytes()[: size // 2])
+    deleted.unlink()
+    with pytest.raises(ValueError, match="damaged") as e:
+        C.TeacherCache(out)
+    msg = str(e.value)
+    assert f"data/{truncated.name} has {size // 2} bytes, {size} were written" in msg
+    assert f"data/{deleted.name} is missing" in msg and f"--cache-dir {out}" in msg
+    assert "rebuilds only the damaged ones" in msg
+
+    flipped = bytearray(first.read_bytes())  # same size, other bytes: the SHA-256 tells
+    flipped[len(flipped) // 2] ^= 0xFF
+    first.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=f"data/{first.name} does not have the SHA-256 recorded"):
+        C.TeacherCache(out)
+
+    capsys.readouterr()
+    engine.build_teacher_cache(CONFIG, out, **BUILD)
+    said = capsys.readouterr().out
+    assert "is damaged, rebuilding 3 shard(s)" in said and truncated.name in said and deleted.name in said
+    assert _rows(out) == _rows(built)
+    _assert_same_cache(out, built)
+    capsys.readouterr()
+    engine.build_teacher_cache(CONFIG, out, **BUILD)  # now intact: nothing to do
+    assert "complete and intact (3 shards), nothing to do" in capsys.readouterr().out
+
+
+def test_missing_tail_prior_names_the_cache_folder_and_a_rerun_merges_it_again(built, tmp_path, capsys):
+    out = tmp_path / "nested" / "c"
+    shutil.copytree(built, out)
+    (out / "tail_prior.safetensors").unlink()
+    with pytest.raises(ValueError, match="tail_prior.safetensors is missing") as e:
+        C.TeacherCache(out)
+    assert f"teacher cache {out} is damaged" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        C.load_tail_prior(out, json.loads((out / "manifest.json").read_text()))
+    assert f"delete the cache folder {out} " in str(e.value)  # the cache itself, not its parent
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()}
+    engine.build_teacher_cache(CONFIG, out, **BUILD)
+    assert "re-merging the tail prior" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()} == mtimes  # no shard rebuilt
+    assert torch.equal(C.TeacherCache(out).tail_prior, C.TeacherCache(built).tail_prior)
+
+
+def test_incomplete_cache_says_which_shards_are_missing(built, tmp_path):
+    out = tmp_path / "i"
+    shutil.copytree(built, out)
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**m, "complete": False}))
+    (out / "data" / m["shards"][2]).unlink()
+    with pytest.raises(ValueError, match=f"incomplete: 2 of 3 shards written, {m['shards'][2]} not yet"):
+        C.TeacherCache(out)
+
+
+@pytest.mark.slow
+def test_readme_cache_workflow_runs_as_written(tmp_path):
+    """README: `accelerate launch recipes/imagenet_ats.py --build-teacher-cache DIR --num-views N --top-k K`,
+    then `accelerate launch recipes/imagenet_ats.py --teacher-cache DIR` (plus tiny-model flags): the
+    recipe builds the cache with its own defaults, so its run accepts it."""
+    tiny = [*TINY, "--embedded-arg", "num_train=32", "--embedded-arg", "num_test=16"]
+    cache = tmp_path / "cache" / "r50"
+    build = ["--build-teacher-cache", str(cache), "--num-views", "2", "--top-k", "5", *tiny]
+    res = launch(tmp_path, RECIPES / "imagenet_ats.py", build, num_processes=1, timeout=300)
+    assert res.returncode == 0, output(res)
+    assert f"train from it with: --teacher-cache {cache}" in res.stdout
+    assert json.loads((cache / "manifest.json").read_text())["complete"]
+    train = ["--teacher-cache", str(cache), *tiny, "--max-train-steps", "2", "--max-eval-steps", "1",
+             "--epochs", "1", "--teacher-check", "warn", "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    res = launch(tmp_path, RECIPES / "imagenet_ats.py", train, num_processes=1, timeout=300)
+    assert res.returncode == 0, output(res)
+    assert "from cache" in res.stdout + res.stderr
+    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["run"]["global_step"] == 2
 
 
 @pytest.mark.slow

@@ -13,6 +13,8 @@ import torch
 from _data_utils import write_image, write_image_folder, write_truncated_jpeg
 
 from timm_kd import data as D
+from timm_kd.data import images as data_images
+from timm_kd.offline import HubUnreachableError
 
 SMALL = {"num_train": 600, "num_test": 300}  # small splits keep the tests fast
 
@@ -171,6 +173,20 @@ def test_image_folder_with_png_and_jpeg(tmp_path):
     assert corrupt == [] and verified is train
 
 
+def test_image_folder_split_layouts_match_datasets(tmp_path):
+    """The one-walk reading gives the splits datasets' own inference gives, nested or named."""
+    write_image_folder(str(tmp_path / "nested" / "images"), {"cat": 2, "dog": 3})
+    write_image_folder(str(tmp_path / "named"), {"cat": 2, "dog": 3}, splits=("train-a", "val-b"))
+    write_image_folder(str(tmp_path / "alias"), {"cat": 2, "dog": 3}, splits=("training", "val"))
+    for root in ("nested", "named", "alias"):
+        train = D.load_image_dataset(str(tmp_path / root), "train")
+        val = D.load_image_dataset(str(tmp_path / root), "validation")
+        assert (len(train), len(val)) == (5, 5), root
+        assert D.get_label_names(train) == D.get_label_names(val) == ["cat", "dog"], root
+        paths = [x["path"] for x in D.undecoded(val)["image"]]
+        assert all(os.sep + "train" not in p for p in paths), (root, paths)
+
+
 def test_image_folder_without_class_folders_and_without_images(tmp_path):
     for i in range(3):
         write_image(str(tmp_path / "flat" / f"{i}.png"), i)
@@ -194,12 +210,117 @@ def test_missing_path_is_not_sent_to_the_hub(tmp_path):
 def test_hub_id_offline_fails_fast_with_a_clear_error():
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # set by conftest.py
     start = time.perf_counter()
-    expected = r"could not load dataset 'timm-kd-tests/no-such-set'.*HF_HUB_OFFLINE"
-    with pytest.raises(RuntimeError, match=expected):
+    expected = r"dataset 'timm-kd-tests/no-such-set' .* Hugging Face Hub, but HF_HUB_OFFLINE=1 is set"
+    with pytest.raises(HubUnreachableError, match=expected):
         D.load_image_dataset("timm-kd-tests/no-such-set", "train")
-    with pytest.raises(RuntimeError, match="from the Hugging Face Hub"):
+    with pytest.raises(HubUnreachableError, match="from the Hugging Face Hub"):
         D.load_image_dataset("imagenet-1k", "validation", streaming=True)
     assert time.perf_counter() - start < 30  # no network wait
+
+
+def _write_table_dataset(root, splits: dict[str, int]) -> dict[str, datasets.Dataset]:
+    """Tiny image datasets (PNG bytes inside the rows, a ClassLabel) per split."""
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=["a", "b", "c"]))
+    made = {}
+    for split, n in splits.items():
+        rng = np.random.default_rng(len(split))
+        rows = {
+            "image": [datasets.Image().encode_example(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8))
+                      for _ in range(n)],
+            "label": [i % 3 for i in range(n)],
+        }
+        made[split] = datasets.Dataset.from_dict(rows, features=features)
+    return made
+
+
+def test_hub_layout_folders_and_data_files(tmp_path):
+    """What datasets.load_dataset takes: a Hub-layout folder (parquet, arrow), a data file, a glob."""
+    made = _write_table_dataset(tmp_path, {"train": 9, "validation": 6})
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for split, ds in made.items():
+        ds.to_parquet(str(tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet"))
+    train = D.load_image_dataset(str(tmp_path / "hub"), "train")
+    assert len(train) == 9 and train.column_names == ["image", "label"]
+    assert D.get_label_names(train) == ["a", "b", "c"]
+    assert train[0]["image"].size == (5, 6)
+    assert len(D.load_image_dataset(str(tmp_path / "hub"), "val")) == 6  # alias of validation
+    with pytest.raises(ValueError, match="no split 'test'.*--val-fraction"):
+        D.load_image_dataset(str(tmp_path / "hub"), "test")
+
+    # arrow files in the same layout (the files save_to_disk writes, renamed as a Hub repo names them)
+    for split, ds in made.items():
+        ds.save_to_disk(str(tmp_path / "saved" / split))
+        (tmp_path / "arrow" / "data").mkdir(parents=True, exist_ok=True)
+        os.replace(tmp_path / "saved" / split / "data-00000-of-00001.arrow",
+                   tmp_path / "arrow" / "data" / f"{split}-00000-of-00001.arrow")
+    assert len(D.load_image_dataset(str(tmp_path / "arrow"), "validation")) == 6
+
+    # a csv of image file paths and integer labels
+    write_image_folder(str(tmp_path / "png"), {"a": 2, "b": 2}, splits=("train",))
+    pngs = sorted(str(p) for p in (tmp_path / "png").rglob("*.*"))
+    (tmp_path / "csv" / "data").mkdir(parents=True)
+    (tmp_path / "csv" / "data" / "train.csv").write_text(
+        "image,label\n" + "".join(f"{p},{i % 2}\n" for i, p in enumerate(pngs))
+    )
+    from_csv = D.load_image_dataset(str(tmp_path / "csv"), "train")
+    assert len(from_csv) == 4 and from_csv[0]["image"].size == (24, 20)
+
+    # one data file (or a glob) is the train split
+    file = str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    assert len(D.load_image_dataset(file, "train")) == 9
+    assert len(D.load_image_dataset(str(tmp_path / "hub" / "data" / "*.parquet"), "train")) == 15
+    with pytest.raises(ValueError, match="one data file: it holds the 'train' split only.*--val-fraction"):
+        D.load_image_dataset(file, "validation")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        D.load_image_dataset("missing.parquet", "train")  # a file name is never a Hub id
+
+
+def test_local_folders_do_not_log_downloading(tmp_path, capfd):
+    write_image_folder(str(tmp_path), {f"c{i}": 6 for i in range(10)}, splits=("train",))
+    datasets.enable_progress_bars()
+    D.load_image_dataset(str(tmp_path), "train")
+    err = capfd.readouterr().err
+    assert "Downloading" not in err and "Generating" not in err, err
+    assert datasets.is_progress_bar_enabled()  # restored
+
+
+def test_split_validation_is_seeded_stratified_and_disjoint(tmp_path):
+    write_image_folder(str(tmp_path), {"cat": 10, "dog": 6, "eel": 2, "fox": 1}, splits=("flat",))
+    flat = D.load_image_dataset(str(tmp_path / "flat"), "train")
+    train, val = D.split_validation(flat, 0.25, seed=3)
+    labels = np.asarray(flat["label"])
+    val_labels = np.asarray(val["label"])
+    # round(0.25 n) per class, at least one of a class with two or more, none of a single image
+    assert [int((val_labels == c).sum()) for c in range(4)] == [2, 2, 1, 0]
+    assert len(train) + len(val) == len(flat)
+    paths = lambda d: [x["path"] for x in D.undecoded(d)["image"]]  # noqa: E731
+    assert not set(paths(train)) & set(paths(val))
+    again_train, again_val = D.split_validation(flat, 0.25, seed=3)
+    assert paths(again_val) == paths(val) and paths(again_train) == paths(train)
+    assert paths(D.split_validation(flat, 0.25, seed=4)[1]) != paths(val)
+    assert int((labels == 0).sum()) == 10
+    with pytest.raises(ValueError, match="--val-fraction must be in"):
+        D.split_validation(flat, 1.5)
+
+
+def test_engine_holds_out_a_validation_part_and_verifies_once(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from timm_kd.engine.config import TrainConfig
+    from timm_kd.engine.setup import _load_data
+
+    write_image_folder(str(tmp_path), {"cat": 8, "dog": 8}, splits=("train",))
+    config = TrainConfig(dataset=str(tmp_path), val_fraction=0.25, seed=0, student="test_resnet", method="ce")
+    decodes = _count_decodes(monkeypatch)
+    data = _load_data(config, Accelerator(cpu=True))
+    assert (len(data.train), len(data.val), data.num_classes) == (12, 4, 2)
+    assert decodes[0] == 16  # --verify-images auto: local data, every image once
+    decodes[0] = 0
+    again = _load_data(config, Accelerator(cpu=True))  # the next start (or a resume, a cache build)
+    assert decodes[0] == 0 and len(again.train) == 12
+    with pytest.raises(ValueError, match="no split 'validation'.*--val-fraction 0.1"):
+        plain = TrainConfig(dataset=str(tmp_path), student="test_resnet", method="ce")
+        _load_data(plain, Accelerator(cpu=True))
 
 
 def test_saved_dataset_columns_detected_and_empty_split(tmp_path):
@@ -281,6 +402,55 @@ def test_corrupt_jpeg_error_and_skip_policies(tmp_path):
     assert sum(len(b["label"]) for b in streamed) == 6
     with pytest.raises(ValueError, match="on_corrupt must be 'error' or 'skip'"):
         D.apply_transform(train, None, on_corrupt="ignore")
+
+
+def _count_decodes(monkeypatch) -> list[int]:
+    count = [0]
+    real = data_images.decode_image
+
+    def counting(value):
+        count[0] += 1
+        return real(value)
+
+    monkeypatch.setattr(data_images, "decode_image", counting)
+    return count
+
+
+def test_verification_is_recorded_and_not_repeated(tmp_path, monkeypatch):
+    write_image_folder(str(tmp_path / "data"), {"cat": 4, "dog": 4}, splits=("train",))
+    bad = tmp_path / "data" / "train" / "dog" / "broken.jpg"
+    write_truncated_jpeg(str(bad))
+    records = str(tmp_path / "records")
+    decodes = _count_decodes(monkeypatch)
+
+    def start(on_corrupt="skip"):  # what each launch does: load, verify
+        train = D.load_image_dataset(str(tmp_path / "data"), "train")
+        decodes[0] = 0
+        with pytest.warns(UserWarning, match="skipping 1 corrupt"):
+            kept, corrupt = D.verify_images(
+                train, on_corrupt=on_corrupt, progress=False, record_dir=records, num_proc=1
+            )
+        return len(kept), [what for _, what in corrupt]
+
+    first = start()
+    assert decodes[0] == 9 and first[0] == 8 and "broken.jpg" in first[1][0]
+    assert len(os.listdir(records)) == 1
+    assert start() == first and decodes[0] == 0  # the second start decodes nothing
+    train = D.load_image_dataset(str(tmp_path / "data"), "train")
+    with pytest.raises(ValueError, match="1 of 9 images cannot be decoded.*broken.jpg"):
+        D.verify_images(train, progress=False, record_dir=records)  # the policy applies to the record
+    assert decodes[0] == 0
+
+    # a replaced file (new size and mtime) is verified again
+    write_image(str(bad), 99)
+    os.utime(bad, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    train = D.load_image_dataset(str(tmp_path / "data"), "train")
+    decodes[0] = 0
+    kept, corrupt = D.verify_images(train, progress=False, record_dir=records)
+    assert corrupt == [] and decodes[0] == 9 and len(kept) == 9
+    decodes[0] = 0
+    D.verify_images(train, progress=False, record_dir=None)  # no record: always decodes
+    assert decodes[0] == 9
 
 
 def test_collate_rejects_an_all_corrupt_batch():

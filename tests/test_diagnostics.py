@@ -208,3 +208,31 @@ def test_suggestion_bad_input():
     b = D.suggest_ats_temperatures(z, y, max_samples=20, seed=1)
     assert (a.tau_correct, a.tau_wrong) == (b.tau_correct, b.tau_wrong)
     assert math.isfinite(a.label_prob)
+
+
+def test_suggestion_refuses_a_teacher_at_chance():
+    """A teacher whose logits ignore the labels (wrong class map, untrained weights) gets no
+    suggestion: the error names the accuracy against chance; ``check_teacher=False`` overrides."""
+    z, _ = make_teacher(2000, 100, 12.0, 1.0)
+    shuffled = torch.randint(0, 100, (2000,), generator=torch.Generator().manual_seed(5))
+    assert D.uninformative_teacher(z, shuffled) is not None
+    with pytest.raises(D.TeacherAtChanceError, match=r"not clearly above chance \(1.00 %") as e:
+        D.suggest_ats_temperatures(z, shuffled)
+    assert isinstance(e.value, ValueError) and "check_teacher=False" in str(e.value)
+    s = D.suggest_ats_temperatures(z, shuffled, check_teacher=False)
+    assert math.isfinite(s.tau_correct)
+
+
+def test_suggestion_refuses_near_uniform_logits():
+    """Constant logits tie every class with the label (so ``teacher_correct`` is 1 everywhere) and
+    tiny logits are all but flat: both are refused as carrying no information."""
+    z, y = make_teacher(1000, 10, 5.0, 1.0)
+    assert D.uninformative_teacher(z, y) is None  # a trained teacher passes both tests
+    assert D.wrong_class_stats(torch.zeros_like(z), y, 4.0, 3.0)["teacher_correct"] == 1.0
+    with pytest.raises(D.TeacherAtChanceError, match="chance"):
+        D.suggest_ats_temperatures(torch.zeros_like(z), y)
+    with pytest.raises(D.TeacherAtChanceError, match="near-uniform"):
+        D.suggest_ats_temperatures(z * 1e-3, y)
+    # the binary case keeps a usable bound (twice chance would be 100 %)
+    z2, y2 = make_teacher(1000, 2, 2.0, 1.0)
+    assert D.uninformative_teacher(z2, y2) is None

@@ -25,14 +25,7 @@ from timm_kd.engine import TrainConfig, TrainingDivergedError
 from timm_kd.losses import cross_entropy, register_loss
 from timm_kd.metrics import TOPK_ACCURACY_PATH, load_topk_metric
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,12 +267,13 @@ def test_resume_resolution_ignores_incomplete_checkpoints(tmp_path):
         ("step_00000011", False),
     ]:
         (root / name).mkdir(parents=True)
-        if complete:
-            (root / name / "trainer_state.json").write_text("{}")
+        if complete:  # a manifest (written last) of no files
+            manifest = {"format": "timm-kd-checkpoint", "version": 1, "unhealthy": None, "files": {}}
+            (root / name / "manifest.json").write_text(json.dumps(manifest))
     assert [p.name for p in engine.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000010"]
-    assert engine.resolve_resume("latest", tmp_path).name == "step_00000010"
-    assert engine.resolve_resume("latest", tmp_path / "elsewhere") is None  # a fresh run
-    with pytest.raises(FileNotFoundError, match="not a complete timm-kd checkpoint"):
+    assert engine.resolve_resume("latest", tmp_path)[0].name == "step_00000010"
+    assert engine.resolve_resume("latest", tmp_path / "elsewhere") == (None, [])  # a fresh run
+    with pytest.raises(engine.CheckpointError, match="cannot be used: no manifest.json"):
         engine.resolve_resume(str(root / "step_00000011"), tmp_path)
     assert np.all(np.diff([int(p.name[5:]) for p in engine.list_checkpoints(tmp_path)]) > 0)
 

@@ -7,6 +7,7 @@ import only timm.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 import timm_kd
 from timm_kd import hub as kd_hub
+from timm_kd import models as kd_models
 from timm_kd.cli import main as cli_main
 from timm_kd.hub import HubPushError, create_model_card, push_to_hub, save_pretrained, validate_repo_id
 from timm_kd.hub import push as kd_push
@@ -178,7 +180,7 @@ def test_invalid_repo_id_refused_before_any_work(online, monkeypatch, tmp_path, 
     with pytest.raises(ValueError, match="no namespace"):
         push_to_hub(_student(), "just-a-name", token=TOKEN)
     # the CLI checks the id before it looks at the run folder
-    assert cli_main(["push", str(tmp_path / "missing"), "org/bad--id"]) == 1
+    assert cli_main(["push", str(tmp_path / "missing"), "org/bad--id"]) == 2  # a user error: status 2
     assert "org/bad--id" in capfd.readouterr().err
     assert calls == [] and len(online.requests) == n
 
@@ -316,6 +318,7 @@ def test_card_metadata_parses_back(tmp_path):
     assert data["distillation"] == {
         "teacher": "org/teacher-net",
         "teacher_revision": META["teacher_revision"],
+        "teacher_weights": "hf-hub",
         "method": "ats",
         "library": f"timm-kd {timm_kd.__version__}",
     }
@@ -419,13 +422,13 @@ def test_card_of_a_plugin_loss_uses_its_registered_card():
     "teacher, revision, meta_id, shown",
     [
         ("resnet50.a1_in1k", None, "timm/resnet50.a1_in1k",
-         "`resnet50.a1_in1k` ([timm/resnet50.a1_in1k](https://huggingface.co/timm/resnet50.a1_in1k))"
-         " (revision not recorded)"),
+         "`resnet50` with the pretrained weights `resnet50.a1_in1k` "
+         "([timm/resnet50.a1_in1k](https://huggingface.co/timm/resnet50.a1_in1k)) (revision not recorded)"),
         ("hf-hub:org/big@abc123", None, "org/big",
-         "[org/big](https://huggingface.co/org/big) at revision `abc123`"),
+         "with the weights of [org/big](https://huggingface.co/org/big) at revision `abc123`"),
         ("timm/vit_base", "f" * 40, "timm/vit_base", f"at revision `{'f' * 40}`"),
         ("local-dir:/home/alice/secret/teacher-run", None, "local:teacher-run",
-         "a local checkpoint (`teacher-run`)"),
+         "weights from a local model folder (`teacher-run`)"),
     ],
 )
 def test_card_records_the_teacher(teacher, revision, meta_id, shown):
@@ -434,6 +437,131 @@ def test_card_records_the_teacher(teacher, revision, meta_id, shown):
     assert card.data["distillation"]["teacher"] == meta_id
     assert shown in card.text
     assert "/home/alice" not in card.content
+
+
+def _teacher_net(classes: int = 5) -> torch.nn.Module:
+    torch.manual_seed(1)
+    return timm.create_model("test_resnet", num_classes=classes)
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+CARD_CONFIG = {"architecture": "test_resnet", "num_classes": 5, "pretrained_cfg": {"input_size": [3, 64, 64]}}
+TEACHER_TOP1 = {"top1": 83.0, "top5": 99.5}
+
+
+def test_card_of_a_checkpoint_teacher_names_the_file_not_the_public_weights(tmp_path):
+    """--teacher-checkpoint: the architecture's name must not credit its public pretrained weights."""
+    net = _teacher_net()
+    ckpt = tmp_path / "private" / "teacher-weights.safetensors"
+    ckpt.parent.mkdir()
+    save_file(net.state_dict(), str(ckpt))
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    loaded = kd_models.resolve_model("test_resnet", checkpoint=ckpt, role="teacher")
+    by_name = kd_hub.describe_teacher("test_resnet", model=loaded, pretrained=True, checkpoint=ckpt)
+    by_module = kd_hub.describe_teacher(loaded)  # a module: what resolve_model recorded on it
+    assert by_name == by_module
+    card = create_model_card(
+        CARD_CONFIG, teacher="test_resnet", teacher_info=by_name, method="kd", teacher_metrics=TEACHER_TOP1,
+        eval_split="validation",
+    )
+    text, dist = card.content, card.data["distillation"]
+    assert "huggingface.co/timm/test_resnet" not in text and "r160_in1k" not in text
+    assert (dist["teacher"], dist["teacher_architecture"], dist["teacher_params"]) == (
+        "test_resnet", "test_resnet", _params(net))
+    assert dist["teacher_weights"] == "checkpoint teacher-weights.safetensors"
+    assert dist["teacher_sha256"] == sha
+    size = f"({_params(net) / 1e6:.2f} M parameters)"
+    shown = (f"**Teacher:** `test_resnet` {size}, weights from the checkpoint "
+             f"file `teacher-weights.safetensors` (SHA-256 `{sha}`); measured top-1 83.00 % on the "
+             "`validation` split by the training run")
+    assert shown in text
+    assert "| `test_resnet` (checkpoint `teacher-weights.safetensors`) | teacher | 83.00 | 99.50 |" in text
+    assert "distilled from `test_resnet` (checkpoint `teacher-weights.safetensors`) with" in text
+    assert str(tmp_path) not in text
+
+
+def test_saving_a_wrapper_records_its_own_teacher(tmp_path):
+    """``save_pretrained(wrapper)``: the teacher network the wrapper holds, not its name's weights."""
+    ckpt = tmp_path / "t.safetensors"
+    save_file(_teacher_net().state_dict(), str(ckpt))
+    wrapper = timm_kd.DistillWrapper(_student(), "test_resnet", loss="dkd", teacher_checkpoint=str(ckpt))
+    card = ModelCard.load(save_pretrained(wrapper, tmp_path / "student") / "README.md")
+    dist = card.data["distillation"]
+    assert (dist["method"], dist["teacher_weights"], dist["teacher_architecture"]) == (
+        "dkd", "checkpoint t.safetensors", "test_resnet")
+    named = save_pretrained(wrapper, tmp_path / "named", teacher="hf-hub:org/t")  # the caller's word wins
+    assert ModelCard.load(named / "README.md").data["distillation"]["teacher"] == "org/t"
+
+
+def test_card_of_a_local_dir_teacher_names_its_architecture(tmp_path):
+    """A local-dir: teacher (a timm-kd run's student/ folder) keeps its architecture and run name."""
+    folder = save_pretrained(_teacher_net(), tmp_path / "teacher-run" / "student")
+    name = f"local-dir:{folder}"
+    net = timm.create_model(name, pretrained=True)
+    info = kd_hub.describe_teacher(name, model=net)
+    assert kd_hub.describe_teacher(kd_models.resolve_model(name, pretrained=True)) == info
+    no_model = kd_hub.describe_teacher(name)  # the architecture is read from the folder's config.json
+    assert no_model["architecture"] == "test_resnet" and no_model["num_params"] is None
+    card = create_model_card(CARD_CONFIG, teacher=name, teacher_info=info, method="dkd")
+    dist = card.data["distillation"]
+    assert dist["teacher"] == "local:teacher-run/student" and dist["teacher_architecture"] == "test_resnet"
+    assert dist["teacher_params"] == _params(net)
+    assert dist["teacher_weights"] == "local-dir teacher-run/student"
+    size = f"({_params(net) / 1e6:.2f} M parameters)"
+    assert f"`test_resnet` {size}, weights from a local model folder (`teacher-run/student`)" in card.text
+    assert str(tmp_path) not in card.content
+
+
+def test_card_of_a_pretrained_tag_and_of_an_unknown_module():
+    net = _teacher_net()
+    info = kd_hub.describe_teacher("test_resnet.r160_in1k", model=net, pretrained=True)
+    assert (info["source"], info["name"], info["hub_id"]) == (
+        "pretrained", "test_resnet.r160_in1k", "timm/test_resnet.r160_in1k")
+    untagged = kd_hub.describe_teacher("resnet10t", pretrained=True)  # the tag timm loads by default
+    assert (untagged["name"], untagged["hub_id"]) == ("resnet10t.c3_in1k", "timm/resnet10t.c3_in1k")
+    assert kd_hub.describe_teacher("resnet10t", pretrained=False)["source"] == "random"
+    text = create_model_card(CARD_CONFIG, teacher_info=info, method="kd").text
+    size = f"({_params(net) / 1e6:.2f} M parameters)"
+    assert (f"`test_resnet` {size} with the pretrained weights `test_resnet.r160_in1k` "
+            "([timm/test_resnet.r160_in1k](https://huggingface.co/timm/test_resnet.r160_in1k))") in text
+    # a module built outside timm-kd: its pretrained_cfg names public weights it may not hold
+    plain = kd_hub.describe_teacher(timm.create_model("test_resnet.r160_in1k", pretrained=False))
+    assert (plain["source"], plain["hub_id"], plain["architecture"]) == ("module", None, "test_resnet")
+    card = create_model_card(CARD_CONFIG, teacher_info=plain, method="kd")
+    assert "huggingface.co/timm" not in card.content
+    assert "a module given to the trainer (where its weights came from was not recorded)" in card.text
+    with pytest.raises(ValueError, match="describe_teacher"):
+        create_model_card(CARD_CONFIG, teacher_info="resnet50", method="kd")
+
+
+def test_card_of_a_cross_entropy_run_names_no_teacher(tmp_path):
+    """method="ce": plain training; no teacher, no distillation tag or metadata, even if one is named."""
+    meta = {**META, "method": "ce", "loss_kwargs": {}}
+    folder = save_pretrained(_student(), tmp_path / "student", repo_id="org/pets-ce", **meta)
+    card = ModelCard.load(folder / "README.md")
+    assert "knowledge-distillation" not in card.data.tags and "ce" not in card.data.tags
+    assert card.data.to_dict().get("distillation") is None
+    text = card.text
+    assert "trained on its labels with cross-entropy, without a teacher (timm-kd)" in text
+    for word in ("distilled from", "teacher-net", "Distillation method", "## Distillation", "**Teacher:**",
+                 "72.50", "Loss hyperparameters"):
+        assert word not in text, word
+    assert "## Training" in text and "**Training:** cross-entropy on the labels" in text
+    assert "| **pets-ce** (this model) | cross-entropy on the labels (no teacher) | 61.25 | 93.50 |" in text
+    bib = re.findall(r"```bibtex\n(.*?)```", text, re.S)
+    assert len(bib) == 1 and "PyTorch Image Models" in bib[0]
+    assert create_model_card(CARD_CONFIG, method="ce").data.model_name is None  # not "..._distilled"
+    assert "# Model card for test_resnet\n" in create_model_card(CARD_CONFIG, method="ce").text
+
+
+def test_card_of_a_cached_teacher_says_so():
+    info = {**kd_hub.describe_teacher("test_resnet.r160_in1k", pretrained=True), "cache": "cache-in1k",
+            "cache_top1": 97.25}
+    text = create_model_card(CARD_CONFIG, teacher_info=info, method="kd").text
+    assert "read from a teacher cache (`cache-in1k`), top-1 97.25 % on the training views it cached" in text
 
 
 @pytest.mark.parametrize(
@@ -596,12 +724,31 @@ def test_hub_down_during_push_then_retry(online, tmp_path):
         with pytest.raises(HubPushError, match="could not reach the Hub") as e:
             push_to_hub(run / "student", repo, token=TOKEN, **META)
         assert "is intact" in str(e.value)
-        assert cli_main(["push", str(run), repo, "--token", TOKEN]) == 1
+        assert cli_main(["push", str(run), repo, "--token", TOKEN]) == 2
     finally:
         hub.start()  # same port, same repos
     assert _digest(run / "student") == before and repo not in hub.repos
     assert cli_main(["push", str(run), repo, "--token", TOKEN]) == 0
     assert len(hub.repos[repo].commits) == 2
+
+
+def test_publish_prints_the_url_and_the_load_line(online, tmp_path, capfd):
+    """``engine.publish`` (the recipes' --push-to-hub) says where the model went and how to load it."""
+    from timm_kd.engine import FitResult, publish
+
+    run, student = tmp_path / "run", _student()
+    save_pretrained(student, run / "student", **META)
+    result = FitResult(student=student, metrics=META["metrics"], best_metrics=None, best_epoch=None,
+                       teacher_metrics=None, summary={**META, "run": {}}, output_dir=run, global_step=1,
+                       is_main_process=True)
+    repo = _repo()
+    info = publish(result, repo, token=TOKEN)
+    out = capfd.readouterr().out
+    assert f"pushed the student to {online.url}/{repo} (commit {info.commit_url})" in out
+    assert f'load it with: timm.create_model("hf-hub:{repo}", pretrained=True)' in out
+    assert TOKEN not in out and online.repos[repo].head.files["README.md"]
+    assert publish(dataclasses.replace(result, is_main_process=False), repo, token=TOKEN) is None
+    assert capfd.readouterr().out == ""  # other processes neither push nor print
 
 
 def test_token_never_written_logged_or_shown(online, tmp_path, caplog, capfd):
@@ -642,15 +789,15 @@ def test_token_never_written_logged_or_shown(online, tmp_path, caplog, capfd):
 
 
 def test_cli_push_bad_run_folders(tmp_path, capfd):
-    assert cli_main(["push", str(tmp_path / "nope"), "org/name"]) == 1
+    assert cli_main(["push", str(tmp_path / "nope"), "org/name"]) == 2
     err = capfd.readouterr().err
     assert "does not exist" in err and "student/ and run_summary.json" in err
     (tmp_path / "run" / "student").mkdir(parents=True)
-    assert cli_main(["push", str(tmp_path / "run"), "org/name"]) == 1
+    assert cli_main(["push", str(tmp_path / "run"), "org/name"]) == 2
     err = capfd.readouterr().err
     assert "has no run_summary.json" in err and "Traceback" not in err
     (tmp_path / "run" / "run_summary.json").write_text("{not json")
-    assert cli_main(["push", str(tmp_path / "run"), "org/name"]) == 1
+    assert cli_main(["push", str(tmp_path / "run"), "org/name"]) == 2
     assert "not valid JSON" in capfd.readouterr().err
 
 

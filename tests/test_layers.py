@@ -53,6 +53,8 @@ PACKAGE_DIR = ROOT / "timm_kd"
 #: ARCHITECTURE.md's layer order, lowest first: a unit imports only from lower layers (and itself).
 LAYERS: dict[str, int] = {
     "version": 1,
+    "lazy": 1,
+    "offline": 1,
     "losses": 2,
     "data": 2,
     "models": 2,

@@ -277,11 +277,15 @@ def test_every_recipe_explains_its_flags(recipe, capsys, monkeypatch):
     assert flags > 60
 
 
-def test_bad_push_target_fails_before_training(tmp_path, monkeypatch):
+def test_bad_push_target_fails_before_training(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     monkeypatch.setattr(
         sys, "argv", ["imagenet_ats.py", *TINY, "--output-dir", str(run), "--push-to-hub", "no-namespace"]
     )
-    with pytest.raises(ValueError, match="has no namespace"):
+    with pytest.raises(SystemExit) as info:  # one line `error: ...`, status 2, no traceback
         runpy.run_path(str(RECIPES / "imagenet_ats.py"), run_name="__main__")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imagenet_ats.py: error: ") and "has no namespace" in err
+    assert len(err.strip().splitlines()) == 1
     assert not run.exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -35,14 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HALF = (0.5, 0.5, 0.5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: a second intra-op thread buys nothing, and on a loaded machine the
-    OpenMP barrier of two threads sharing two busy cores makes each step ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,7 +51,9 @@ def _one_thread():
 )
 def test_training_steps_lower_loss_and_leave_teacher_untouched(student_name, teacher_name):
     student, teacher = tiny(student_name), tiny(teacher_name, size=48)  # teacher at 48 px: resize adapter on
-    wrapper = DistillWrapper(student, teacher, loss="kd", tau=2.0, ce_weight=0.5, kd_weight=0.5)
+    wrapper = DistillWrapper(
+        student, teacher, loss="kd", tau=2.0, ce_weight=0.5, kd_weight=0.5, teacher_data_config=told(teacher)
+    )
     before = state_copy(teacher)
     assert any(k.endswith("running_mean") for k in before) or teacher_name == "test_vit"
     opt = torch.optim.AdamW(wrapper.parameters(), lr=2e-3)
@@ -191,7 +185,12 @@ def test_a_training_step_never_reads_a_tensor_back_to_the_host(monkeypatch, name
         pytest.skip(f"loss {name!r} not registered")
     teacher = tiny("resnet10t", num_classes=7, size=48, mean=HALF, std=HALF)
     wrapper = DistillWrapper(
-        tiny("test_resnet"), teacher, loss=name, class_map=[6, 0, 2, 4, 1], check_inputs=False
+        tiny("test_resnet"),
+        teacher,
+        loss=name,
+        class_map=[6, 0, 2, 4, 1],
+        check_inputs=False,
+        teacher_data_config=told(teacher),
     )
     wrapper.train()
     x, y = batch()
@@ -266,6 +265,11 @@ def test_loss_object_and_loss_kwargs_errors():
 # input adapters against timm's own transforms
 
 
+def told(model):
+    """What a user who knows the teacher's weights passes: its own data config."""
+    return resolve_data_config(model=model)
+
+
 def _timm_eval_tensor(model, image):
     return create_transform(**resolve_data_config(model=model))(image).unsqueeze(0)
 
@@ -275,7 +279,7 @@ def test_normalization_adapter_gives_the_teachers_own_tensor():
     same_view = {"crop_pct": 0.9, "interpolation": "bicubic"}
     student = tiny("test_resnet", size=48, mean=HALF, std=HALF, **same_view)
     teacher = tiny("test_convnext", size=48, mean=IMAGENET_MEAN, std=IMAGENET_STD, **same_view)
-    wrapper = DistillWrapper(student, teacher, loss="kd")
+    wrapper = DistillWrapper(student, teacher, loss="kd", teacher_data_config=told(teacher))
     x_student, x_teacher = _timm_eval_tensor(student, image), _timm_eval_tensor(teacher, image)
     assert (x_student - x_teacher).abs().max() > 0.05  # the two configs really differ
     # float32 vs float32 by two formulas (an affine map of the student's tensor, timm's normalize)
@@ -285,7 +289,9 @@ def test_normalization_adapter_gives_the_teachers_own_tensor():
             wrapper.teacher_logits(x_student), teacher(x_teacher), rtol=1e-5, atol=1e-5
         )
     # switched off: the teacher sees the student's tensor as it is
-    off = DistillWrapper(student, teacher, loss="kd", adapt_normalization=False)
+    off = DistillWrapper(
+        student, teacher, loss="kd", adapt_normalization=False, teacher_data_config=told(teacher)
+    )
     assert off.teacher.adapt(x_student) is x_student
 
 
@@ -308,7 +314,7 @@ def test_resolution_adapter_matches_timm_transform_up_to_uint8_rounding(
         crop_pct=1.0,
         interpolation=interpolation,
     )
-    wrapper = DistillWrapper(student, teacher, loss="kd")
+    wrapper = DistillWrapper(student, teacher, loss="kd", teacher_data_config=told(teacher))
     x_student, x_teacher = _timm_eval_tensor(student, image), _timm_eval_tensor(teacher, image)
     assert x_teacher.shape[-1] == teacher_size
     seen = wrapper.teacher.adapt(x_student)
@@ -328,15 +334,19 @@ def test_fixed_size_vit_teacher_is_fed_its_own_size():
     assert wrapper(x, y)["teacher_output"].shape == (8, 5)
 
 
-def test_adapters_log_once(caplog):
-    caplog.set_level(logging.INFO, logger="timm_kd")
-    wrapper = DistillWrapper(tiny("test_vit"), tiny("resnet10t", size=48), loss="kd")
+def test_active_adapters_warn_once_per_batch_size():
+    teacher = tiny("resnet10t", size=48)
+    wrapper = DistillWrapper(tiny("test_vit"), teacher, loss="kd", teacher_data_config=told(teacher))
     x, y = batch()
-    for _ in range(3):
-        wrapper(x, y)
-    messages = [r.getMessage() for r in caplog.records if r.name.startswith("timm_kd")]
-    assert sum("re-normalizing" in m for m in messages) == 1
-    assert sum("resizing inputs 32x32 -> 48x48" in m for m in messages) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            wrapper(x, y)
+    messages = [str(w.message) for w in caught if "teacher" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "sees 48 x 48, resized from 32 x 32 (bicubic), re-normalized to mean" in messages[0]
+    assert "2.25x the student's pixels per image" in messages[0]
+    assert "--teacher-input-size 32" in messages[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,7 +432,7 @@ def test_teacher_checkpoint_safetensors_keeps_its_head(tmp_path):
     assert_same_state(trained.state_dict(), wrapper.teacher.model.state_dict())
     with pytest.raises(FileNotFoundError):
         DistillWrapper(student, "resnet10t", loss="kd", teacher_checkpoint=tmp_path / "missing.safetensors")
-    with pytest.raises(ValueError, match="local-dir:"):
+    with pytest.raises(IsADirectoryError, match="is a folder, not a weights file: pass the weights file"):
         DistillWrapper(student, "resnet10t", loss="kd", teacher_checkpoint=tmp_path)
 
 

@@ -23,14 +23,16 @@ the authors' script (numpy's per-sample std, ddof = 0, then the mean over sample
 ATS has a failure mode: with τ1 > τ2 a wrong class can overtake the label (``z_k / τ2 > z_y / τ1``),
 and the KD term then pulls against cross-entropy. ``wrong_class_stats`` counts these samples
 (``induced_flip``), and ``suggest_ats_temperatures`` picks (τ1, τ2) for a given teacher that avoid
-them. Everything takes teacher logits ``[N, C]`` (collect them with the teacher in eval mode) and
+them; it refuses (``TeacherAtChanceError``) logits that carry no class information, a teacher at
+chance or with near-uniform logits (``uninformative_teacher``), rather than fit temperatures to
+noise. Everything takes teacher logits ``[N, C]`` (collect them with the teacher in eval mode) and
 targets ``[N]`` (or soft ``[N, C]``, reduced to their argmax), and computes in float64.
 """
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +47,9 @@ __all__ = [
     "format_sweep_table",
     "plot_temperature_sweep",
     "ATSSuggestion",
+    "TeacherAtChanceError",
     "suggest_ats_temperatures",
+    "uninformative_teacher",
 ]
 
 #: The temperature grid of the paper's Figure 7 (authors' ``plot_fig7_fig13.py``).
@@ -252,8 +256,16 @@ def format_sweep_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_MARK_COLORS = ("#1f77b4", "#2ca02c", "#d62728", "#ff7f0e")
+
+
 def plot_temperature_sweep(
-    rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str | None = None, dpi: int = 120
+    rows: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    dpi: int = 120,
+    marks: Mapping[str, float] | None = None,
 ) -> str:
     """Save the Figure 7 plot of ``temperature_sweep`` rows as a PNG; returns the path.
 
@@ -261,6 +273,11 @@ def plot_temperature_sweep(
     axis) and derived std σ(q) (dashed, right axis) against the temperature τ (log scale), with
     the same axis limits in every panel so the panels compare. Uses matplotlib's Agg canvas
     directly (no pyplot, no global backend change); matplotlib is imported only here.
+
+    ``marks`` (label -> temperature), e.g. ``{"suggested τ1": 4.0, "suggested τ2": 2.5}``, draws a
+    dotted vertical line per temperature in every panel, labelled with its value. In the TS panel
+    the curves there are plain TS at that temperature; in the ATS panel the x axis is the sweep's
+    τ (τ1 = 1.25 τ, τ2 = 0.75 τ), so a mark shows where a temperature falls on that grid.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -289,6 +306,9 @@ def plot_temperature_sweep(
         twin.set_ylim(0, max(s_all) * 1.2)
         ax.set_xlabel("temperature τ")
         ax.set_title(f"{teacher}: {method}")
+        for j, (name, tau) in enumerate((marks or {}).items()):
+            ax.axvline(float(tau), color=_MARK_COLORS[j % len(_MARK_COLORS)], linestyle=":",
+                       label=f"{name} = {float(tau):g}")
         ax.legend(loc="upper left", fontsize=8)
         twin.legend(loc="upper right", fontsize=8)
         if i == 0:
@@ -305,6 +325,55 @@ def plot_temperature_sweep(
     path = os.fspath(path)
     fig.savefig(path, format="png", dpi=dpi)
     return path
+
+
+class TeacherAtChanceError(ValueError):
+    """The teacher's logits carry no class information (top-1 at chance, or near-uniform logits):
+    no temperature can be suggested from them."""
+
+
+#: near-uniform logits: the teacher's softmax holds less than this share of the information of a
+#: one-hot target, ``mean KL(softmax(z / τ) || uniform) < share * log C``
+_UNIFORM_INFO_SHARE = 0.01
+
+
+def uninformative_teacher(
+    teacher_logits: torch.Tensor, target: torch.Tensor, *, tau: float = 1.0
+) -> str | None:
+    """Why these teacher logits carry no class information, or ``None`` when they do.
+
+    Two tests, on ``[N, C]`` logits and ``[N]`` labels (or soft ``[N, C]`` targets):
+
+    * **top-1 at chance**: the share of rows whose first argmax is the label, ``a``, is not clearly
+      above chance ``p0 = 1 / C``: ``a < p0 + max(3 sd, min(p0, (1 - p0) / 4))`` with the binomial
+      ``sd = sqrt(p0 (1 - p0) / N)``; twice chance for many classes, 62.5 % for two.
+    * **near-uniform logits**: at temperature ``tau`` (the sharpest a suggestion would use) the
+      softmax is almost flat, ``mean_n KL(softmax(z_n / tau) || uniform) < 0.01 log C``: less than
+      1 % of a one-hot target's information. Constant logits pass the top-1 test on ties
+      (every class is "the maximum"), so this test is the one that catches them.
+
+    A wrong class order (class map), input size or normalization, untrained weights or logits
+    taken in train mode land here; a trained teacher is far from both bounds.
+    """
+    z, labels = _check_inputs(teacher_logits, target)
+    N, C = z.shape
+    p0 = 1.0 / C
+    top1 = float((z.argmax(dim=-1) == labels).double().mean())
+    bound = p0 + max(3.0 * math.sqrt(p0 * (1.0 - p0) / N), min(p0, (1.0 - p0) / 4.0))
+    if top1 < bound:
+        return (
+            f"its top-1 on these {N} samples is {100 * top1:.2f} %, not clearly above chance "
+            f"({100 * p0:.2f} % for {C} classes; the bound is {100 * bound:.2f} %)"
+        )
+    logp = torch.log_softmax(z / _check_tau("tau", tau), dim=-1)
+    info = float((logp.exp() * logp).sum(dim=-1).mean()) + math.log(C)  # mean KL(p || uniform)
+    if info < _UNIFORM_INFO_SHARE * math.log(C):
+        return (
+            f"its logits are near-uniform: at tau={tau:g} its softmax holds {info:.3g} nats of the "
+            f"{math.log(C):.3g} a one-hot target holds ({100 * info / math.log(C):.2f} %, under "
+            f"{100 * _UNIFORM_INFO_SHARE:g} %)"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -356,6 +425,7 @@ def suggest_ats_temperatures(
     max_samples: int = 10000,
     seed: int = 0,
     chunk_size: int = 4096,
+    check_teacher: bool = True,
 ) -> ATSSuggestion:
     """Suggest (τ1, τ2) for ``ats`` from a teacher's logits on (a sample of) its training data.
 
@@ -395,6 +465,13 @@ def suggest_ats_temperatures(
         max_flip_rate: admissible fraction of ATS-induced flips.
         max_samples: use a random subset of this many rows (``seed``) when N is larger.
         chunk_size: rows processed at once.
+        check_teacher: refuse a teacher whose logits carry no class information
+            (``uninformative_teacher``: top-1 at chance or near-uniform logits) instead of fitting
+            temperatures to noise (True); False suggests anyway.
+
+    Raises:
+        TeacherAtChanceError: (a ``ValueError``) with ``check_teacher``, when the sampled logits
+            are uninformative; the message says which test failed and what to check.
     """
     z, labels = _check_inputs(teacher_logits, target)
     lo, hi = _check_suggestion_args(z.shape[1], label_prob, tau_range, min_ratio, num_ratios, max_flip_rate)
@@ -403,6 +480,14 @@ def suggest_ats_temperatures(
         gen = torch.Generator().manual_seed(int(seed))
         keep = torch.randperm(N, generator=gen)[: int(max_samples)].to(z.device)
         z, labels = z[keep], labels[keep]
+    why_not = uninformative_teacher(z, labels, tau=lo) if check_teacher else None
+    if why_not is not None:
+        raise TeacherAtChanceError(
+            f"cannot suggest ATS temperatures for this teacher: {why_not}. Temperatures fitted to "
+            f"such logits would only shape noise. Check that the logits come from the trained teacher "
+            f"in eval mode, that its classes are in the labels' order (a class map), and that it sees "
+            f"its input size and normalization; pass check_teacher=False to get a suggestion anyway."
+        )
     tau1, p_label, why1 = _suggest_tau_correct(z, labels, float(label_prob), lo, hi, chunk_size)
     n = int(num_ratios)
     ratios = [1.0] if n == 1 else [float(min_ratio) ** (k / (n - 1)) for k in range(n)]

@@ -12,15 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.nn as nn
-from timm.models import load_state_dict
+from timm.models import load_state_dict, parse_model_name
 from timm.utils.model_ema import ModelEmaV2, ModelEmaV3
 from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from .offline import HubUnreachableError, hub_cache_dir, hub_offline_mode, hub_unreachable_reason
 
 __all__ = [
     "resolve_model",
@@ -30,6 +33,10 @@ __all__ = [
     "class_mismatch_error",
     "channel_mismatch_error",
     "read_class_map",
+    "WeightsSource",
+    "weights_source",
+    "check_local_dir",
+    "check_checkpoint_file",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -100,18 +107,163 @@ def _classifier_keys(model: nn.Module) -> list[str]:
     return []
 
 
+def check_checkpoint_file(path: str | os.PathLike, role: str = "model") -> None:
+    """Refuse a ``{role}_checkpoint`` that is not a file: a folder is named as one, with what to pass."""
+    path = os.fspath(path)
+    folder = Path(path)
+    if folder.is_dir():
+        if (folder / "config.json").is_file():
+            fix = f"pass --{role} local-dir:{path} (its config.json gives the architecture and input)"
+        elif (folder / "student" / "config.json").is_file():
+            fix = f"it is a timm-kd run folder: pass --{role} local-dir:{folder / 'student'}"
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors")) or sorted(
+                p.name for p in folder.glob("*.pth")
+            )
+            fix = f"pass the weights file inside it ({', '.join(files[:3])})" if files else (
+                "pass the weights file (.safetensors)"
+            )
+        raise IsADirectoryError(
+            f"{role} checkpoint {path!r} is a folder, not a weights file: {fix}. A weights file goes "
+            f"with the architecture's name (--{role} NAME --{role}-checkpoint FILE); a folder written by "
+            f"timm_kd.save_pretrained or timm's save_for_hf goes as --{role} local-dir:FOLDER."
+        )
+    if not folder.is_file():
+        raise FileNotFoundError(f"{role} checkpoint {path!r} (--{role}-checkpoint): no such file.")
+
+
 def _load_checkpoint_file(path: str | os.PathLike, role: str) -> dict[str, torch.Tensor]:
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(
-            f"{role}_checkpoint={path!r} is a folder. Pass the weights file (model.safetensors), or, for "
-            f"a folder written by timm's save_for_hf / timm_kd.hub.save_pretrained, pass "
-            f"{role}='local-dir:{path}'."
-        )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{role}_checkpoint: no file at {path!r}")
+    check_checkpoint_file(path, role)
     # safetensors files are read as such; anything else goes through torch.load(weights_only=True).
     return load_state_dict(path, use_ema=True, weights_only=True)
+
+
+#: The input keys of a timm data config that describe what a set of weights was trained on.
+INPUT_KEYS = ("input_size", "interpolation", "mean", "std")
+_SOURCE_ATTR = "timm_kd_weights_source"
+_WEIGHT_KEYS = ("hf_hub_id", "url", "file", "state_dict")
+
+
+@dataclass(frozen=True, eq=False)
+class WeightsSource:
+    """Where a model's weights came from and, when known, the input they were trained on.
+
+    ``kind`` is ``"pretrained"`` (a registry name whose pretrained config names real weights),
+    ``"hf-hub"``, ``"local-dir"``, ``"checkpoint"`` or ``"random"``; ``name`` the tag, hub id,
+    folder or file. ``data_config`` holds the known ``input_size``/``mean``/``std``/``interpolation``
+    of those weights (empty when nothing is known: the weights get the batch as it is), and
+    ``origin`` says, for messages, which file or config said so.
+    """
+
+    kind: str
+    name: str
+    data_config: dict[str, Any]
+    origin: str
+
+
+def weights_source(model: Any) -> WeightsSource | None:
+    """The ``WeightsSource`` ``resolve_model`` recorded on ``model``, or None for a module it did not
+    create (``timm.create_model`` sets ``pretrained_cfg`` on every model, weights loaded or not, so
+    a module's provenance is not otherwise known)."""
+    return getattr(unwrap_model(model), _SOURCE_ATTR, None)
+
+
+def _input_keys(cfg: Any) -> dict[str, Any]:
+    cfg = cfg if isinstance(cfg, dict) else {}
+    return {k: cfg[k] for k in INPUT_KEYS if cfg.get(k) is not None}
+
+
+def _config_beside(checkpoint: str | os.PathLike, arch: str | None) -> dict[str, Any]:
+    """The input keys of a timm ``config.json`` beside a weights file (its ``pretrained_cfg``)."""
+    path = Path(checkpoint).parent / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} beside the checkpoint is not JSON ({e}); fix or remove it.") from None
+    have = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if have and arch and have != arch:
+        _logger.warning("%s describes a %r, not a %r: its input config is not used", path, have, arch)
+        return {}
+    return _input_keys(cfg.get("pretrained_cfg", cfg) if isinstance(cfg, dict) else {})
+
+
+def _weights_source(
+    name: str, net: nn.Module, pretrained: bool, checkpoint: Any, overlay: Any
+) -> WeightsSource:
+    """What is known of the input ``net``'s weights expect, in the order: an explicit
+    ``pretrained_cfg_overlay``, a ``config.json`` beside the checkpoint, the loaded weights' config."""
+    explicit = _input_keys(overlay)
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    if checkpoint is not None:
+        beside = _config_beside(checkpoint, cfg.get("architecture"))
+        origin = f"config.json beside {os.fspath(checkpoint)}" if beside else "nothing (no config.json)"
+        return WeightsSource("checkpoint", os.fspath(checkpoint), {**beside, **explicit}, origin)
+    prefix, rest = parse_model_name(name)
+    if pretrained and (prefix is not None or any(cfg.get(k) for k in _WEIGHT_KEYS)):
+        kind = prefix or "pretrained"
+        tag = cfg.get("tag")
+        where = rest if prefix else (f"{cfg.get('architecture', name)}.{tag}" if tag else name)
+        known = {**_input_keys(cfg), **explicit}
+        return WeightsSource(kind, where, known, f"the pretrained config of {where}")
+    origin = "pretrained_cfg_overlay" if explicit else "nothing (random weights)"
+    return WeightsSource("random", name, explicit, origin)
+
+
+def check_local_dir(name: str, role: str = "model") -> None:
+    """Refuse a ``local-dir:`` folder timm cannot read, saying what the folder is and what to pass."""
+    prefix, path = parse_model_name(name)
+    if prefix != "local-dir":
+        return
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{role} {name!r}: folder {path!r} does not exist. A local-dir: model is a folder with "
+            f"config.json and model.safetensors (what timm_kd.save_pretrained writes)."
+        )
+    if (folder / "config.json").is_file():
+        return
+    if (folder / "student" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{role} {name!r} is a timm-kd run folder; its trained model is in its student/ folder: "
+            f"pass {role}='local-dir:{folder / 'student'}'."
+        )
+    raise FileNotFoundError(
+        f"{role} {name!r}: {path!r} has no config.json. A local-dir: model is a folder with config.json "
+        f"and model.safetensors (timm_kd.save_pretrained or timm's save_for_hf write one); for a bare "
+        f"weights file pass it as the {role}'s checkpoint (--{role}-checkpoint FILE) with the "
+        f"architecture's name."
+    )
+
+
+def _create_named(name: str, role: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model``, failing in seconds, with the fixes, when it needs an unreachable Hub.
+
+    A pretrained name and any ``hf-hub:`` name read files from the Hub. When the Hub cannot be
+    reached (``timm_kd.offline.hub_unreachable_reason``), the model is created in offline mode:
+    weights already in the local Hugging Face cache load, missing ones raise ``HubUnreachableError``
+    at once instead of after huggingface_hub's retries.
+    """
+    if not (pretrained or name.startswith(("hf-hub:", "hf_hub:"))):
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        with hub_offline_mode():
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as e:  # LocalEntryNotFoundError, OfflineModeIsEnabled (huggingface_hub), URLError
+        flag = f"--{role.replace('_', '-')}"
+        arch = "the architecture's name" if ":" in name else name.split(".")[0]
+        raise HubUnreachableError(
+            f"{role} {name!r} needs files from the Hugging Face Hub, but {reason} and they are not in the "
+            f"local cache ({hub_cache_dir()}). Fixes: pass the weights as a file ({flag}-checkpoint "
+            f"model.safetensors with {flag} {arch}) or a saved folder ({flag} local-dir:PATH); or fill the "
+            f"cache once online (python -c \"import timm; timm.create_model('{name}', pretrained=True)\"), "
+            f"then run with HF_HUB_OFFLINE=1 to skip the network. ({type(e).__name__}: {e})"
+        ) from None
 
 
 def resolve_model(
@@ -153,9 +305,12 @@ def resolve_model(
     if not isinstance(model, str):
         raise TypeError(f"{role} must be a timm model name or an nn.Module, got {type(model).__name__}")
 
-    net = timm.create_model(
-        model, pretrained=bool(pretrained) and checkpoint is None, num_classes=num_classes, **kwargs
+    check_local_dir(model, role)
+    net = _create_named(
+        model, role, pretrained=bool(pretrained) and checkpoint is None, num_classes=num_classes, **kwargs
     )
+    source = _weights_source(model, net, bool(pretrained), checkpoint, kwargs.get("pretrained_cfg_overlay"))
+    setattr(net, _SOURCE_ATTR, source)
     if checkpoint is None:
         return net
     state = _load_checkpoint_file(checkpoint, role)

@@ -9,7 +9,15 @@ on the *student's* batch and return logits for the *student's* classes::
         -> teacher model  (eval, frozen, torch.inference_mode, optional dtype / channels_last / compile)
         -> [class map]    teacher logits[:, class_map]  (one teacher class per student class)
 
-Each adapter switches itself on only where needed and says so once through ``logging``.
+The teacher sees the batch as it is unless something *known* says otherwise. What it expects
+comes, in order, from: an explicit ``data_config`` (``DistillWrapper(teacher_data_config=...)``,
+``--teacher-input-size/--teacher-mean/--teacher-std/--teacher-interpolation``); the weights' own
+config, recorded by ``timm_kd.models.resolve_model`` (a pretrained tag, ``hf-hub:``, ``local-dir:``,
+a ``config.json`` beside a checkpoint file); a strict fixed input size of the architecture. An
+architecture's default ``pretrained_cfg`` says nothing about the weights a module holds, so a
+module ``resolve_model`` did not create, or random or checkpoint weights without a config, get no
+adapter. An active adapter says what the teacher sees and what it costs in one ``UserWarning`` per
+batch size (``describe_input`` gives the same sentence for run headers).
 
 Resize (``adapt_resolution``). With ``x`` the student's input, ``m_s, s_s`` its mean/std and
 ``m_t, s_t`` the teacher's::
@@ -54,19 +62,21 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import timm.data
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg, parse_model_name
 
 from .models import (
+    INPUT_KEYS,
     channel_mismatch_error,
     class_mismatch_error,
     model_in_chans,
     model_num_classes,
     resolve_model,
     unwrap_model,
+    weights_source,
 )
 
 __all__ = [
@@ -246,8 +256,9 @@ class Teacher(nn.Module):
         num_classes: classes the returned logits must have (the student's); checked at construction.
         in_chans: channels of the images it will be called on (the student's); checked at construction.
         class_map: teacher class index for each student class, when the teacher's classes are a superset.
-        data_config: the teacher's own ``mean``, ``std``, ``input_size``, ``interpolation``; defaults to
-            ``timm.data.resolve_data_config(model=model)`` (its ``pretrained_cfg``).
+        data_config: the teacher's own ``mean``, ``std``, ``input_size``, ``interpolation``, where known
+            better than its weights' recorded config (its keys win); keys known nowhere are taken
+            to be the batch's (see the module docstring).
         adapt_normalization, adapt_resolution: switch the adapters off (they act only where needed).
         channels_last: run the teacher in channels-last memory format.
         compile: ``torch.compile`` the teacher (True, or a dict of ``torch.compile`` kwargs).
@@ -339,27 +350,43 @@ class Teacher(nn.Module):
         adapt_normalization: bool,
         adapt_resolution: bool,
     ) -> None:
-        """The teacher's own mean, std, size and interpolation, and which adapters they switch on."""
-        if data_config is None:
-            data_config = resolve_data_config(model=unwrap_model(self.model))
-        self.data_config = dict(data_config)
-        self.mean = _channels(self.data_config.get("mean", (0.485, 0.456, 0.406)), n, "teacher's mean")
-        self.std = _channels(self.data_config.get("std", (0.229, 0.224, 0.225)), n, "teacher's std")
-        self.input_mean = (
-            _channels(input_mean, n, "the inputs' mean") if input_mean is not None else self.mean
+        """The teacher's expected input, from what is known only, and which adapters it switches on.
+
+        Known, in order: ``data_config`` (explicit; its keys win), then the weights' own config
+        recorded by ``resolve_model`` (a pretrained tag, ``hf-hub:``, ``local-dir:``, a
+        ``config.json`` beside a checkpoint), then a strict fixed input size of the architecture.
+        Anything not known is taken to be the batch's: no resize, no re-normalization.
+        """
+        source = weights_source(self.model)
+        known = dict(source.data_config) if source is not None else {}
+        origins = {k: source.origin for k in known} if source is not None else {}
+        for k in INPUT_KEYS:
+            if data_config and data_config.get(k) is not None:
+                known[k], origins[k] = data_config[k], "teacher_data_config"
+        self.data_config = known
+        default_mean, default_std = timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
+        self.input_mean = _channels(
+            input_mean if input_mean is not None else known.get("mean", default_mean), n, "the inputs' mean"
         )
-        self.input_std = _channels(input_std, n, "the inputs' std") if input_std is not None else self.std
+        self.input_std = _channels(
+            input_std if input_std is not None else known.get("std", default_std), n, "the inputs' std"
+        )
+        self.mean = _channels(known["mean"], n, "teacher's mean") if "mean" in known else self.input_mean
+        self.std = _channels(known["std"], n, "teacher's std") if "std" in known else self.input_std
         if any(s <= 0 for s in self.std + self.input_std):
             raise ValueError(f"normalization std must be > 0, got teacher {self.std}, input {self.input_std}")
         fixed = _fixed_input_size(self.model)
-        cfg_size = self.data_config.get("input_size")
+        cfg_size = known.get("input_size")
+        if fixed is not None and origins.get("input_size") != "teacher_data_config":
+            origins["input_size"] = "the architecture's fixed input size"
         self.input_size: tuple[int, int] | None = (
-            fixed if fixed is not None else (tuple(int(s) for s in cfg_size[-2:]) if cfg_size else None)
+            fixed if fixed is not None else (_size2(cfg_size) if cfg_size else None)
         )
-        interp = str(self.data_config.get("interpolation", "bicubic"))
+        interp = str(known.get("interpolation", "bicubic"))
         self.interpolation = interp if interp in _INTERP_MODES else "bicubic"
         if adapt_resolution and interp not in _INTERP_MODES:
             self._info("interp", "teacher %r: interpolation %r resized as 'bicubic'", self.name, interp)
+        self.input_origins = origins
 
         self.adapt_resolution = bool(adapt_resolution) and self.input_size is not None
         same = all(
@@ -367,16 +394,78 @@ class Teacher(nn.Module):
         ) and all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(self.std, self.input_std))
         self.adapt_normalization = bool(adapt_normalization)
         self.renormalize = self.adapt_normalization and not same
-        if not same:
+        if not same and not self.renormalize:
+            msg = "teacher %r expects mean=%s std=%s, inputs use mean=%s std=%s, adapt_normalization=False"
             args = (self.name, _fmt(self.mean), _fmt(self.std), _fmt(self.input_mean), _fmt(self.input_std))
-            if self.renormalize:
-                msg = "teacher %r expects mean=%s std=%s; inputs use mean=%s std=%s: re-normalizing"
-                self._info("norm", msg, *args)
-            else:
-                msg = (
-                    "teacher %r expects mean=%s std=%s, inputs use mean=%s std=%s, adapt_normalization=False"
-                )
-                _logger.warning(msg, *args)
+            _logger.warning(msg, *args)
+        if source is None and not data_config and fixed is None:
+            self._info(
+                "provenance",
+                "teacher %r: a module of unknown provenance (not created by timm_kd.models.resolve_model): "
+                "it sees the batch as it is. If its weights expect another size or normalization, pass "
+                "teacher_data_config={'input_size': ..., 'mean': ..., 'std': ...}.",
+                self.name,
+            )
+
+    def adapters_active(self, size: Sequence[int] | None) -> bool:
+        """Whether an adapter changes a batch of spatial ``size`` (None: the size is not known)."""
+        resize = self.adapt_resolution and size is not None and _size2(size) != self.input_size
+        return bool(resize or self.renormalize)
+
+    def describe_input(self, size: Sequence[int] | None = None) -> str:
+        """What the teacher sees of a batch of spatial ``size`` (``(H, W)``), where that comes from,
+        and what it costs: the run header's and the adapter warning's sentence."""
+        size = _size2(size) if size is not None else None
+        parts, why = [], set()
+        resize = self.adapt_resolution and self.input_size is not None and size != self.input_size
+        if resize:
+            h, w = self.input_size
+            frm = f", resized from {size[0]} x {size[1]} ({self.interpolation})" if size else " (resized)"
+            parts.append(f"{h} x {w}{frm}")
+            why.add(self.input_origins.get("input_size", "?"))
+        elif size is not None:
+            parts.append(f"{size[0]} x {size[1]} as given")
+        else:
+            parts.append("the batch's size as given")
+        if self.renormalize:
+            parts.append(
+                f"re-normalized to mean {_fmt(self.mean)} std {_fmt(self.std)} "
+                f"from mean {_fmt(self.input_mean)} std {_fmt(self.input_std)}"
+            )
+            why.update(self.input_origins.get(k, "?") for k in ("mean", "std") if k in self.input_origins)
+        else:
+            parts.append("not re-normalized")
+        text = f"teacher {self.name!r} sees " + ", ".join(parts)
+        if not (resize or self.renormalize):
+            return text
+        text += f" (as {' and '.join(sorted(why))} says)"
+        if resize and size is not None:
+            ratio = self.input_size[0] * self.input_size[1] / (size[0] * size[1])
+            text += f"; its forward pass gets {ratio:.3g}x the student's pixels per image"
+        return text
+
+    def _warn_adapters(self, size: tuple[int, int]) -> None:
+        """One WARNING per batch size, while an adapter is active (visible without logging set up)."""
+        key = ("adapters", size)
+        if key in self._logged:
+            return
+        self._logged.add(key)
+        if not self.verbose:
+            return
+        if self.input_origins.get("input_size") == "the architecture's fixed input size":
+            fix = (
+                f"The network accepts only {self.input_size[0]} x {self.input_size[1]} images (create it "
+                f"with dynamic_img_size=True to feed it the batch's size)."
+            )
+        else:
+            fix = (
+                "If the teacher was trained on images like these, show it the batch as it is: "
+                f"teacher_data_config={{'input_size': (3, {size[0]}, {size[1]}), 'mean': "
+                f"{self.input_mean}, 'std': {self.input_std}}} (flags --teacher-input-size {size[0]} "
+                "--teacher-mean ... --teacher-std ...), or adapt_resolution=False / "
+                "adapt_normalization=False."
+            )
+        warnings.warn(f"{self.describe_input(size)}. {fix}", UserWarning, stacklevel=4)
 
     def _info(self, key: Any, msg: str, *args: Any) -> None:
         """Log ``msg`` once per teacher and ``key``."""
@@ -462,19 +551,10 @@ class Teacher(nn.Module):
         resize = self.adapt_resolution and size != self.input_size
         if not resize and not self.renormalize:
             return images
+        self._warn_adapters(size)
         m_in, s_in, inv_s_t, shift_t, scale, shift, inv_s_in, shift_in, _ = self._constants(images.device)
         with torch.autocast(images.device.type, enabled=False):
             if resize:
-                self._info(
-                    ("resize", size),
-                    "teacher %r: resizing inputs %dx%d -> %dx%d (%s)",
-                    self.name,
-                    size[0],
-                    size[1],
-                    self.input_size[0],
-                    self.input_size[1],
-                    self.interpolation,
-                )
                 pixels = torch.addcmul(m_in, images.float(), s_in)
                 pixels = resize_like_pil(pixels, self.input_size, self.interpolation)
                 if self.adapt_normalization:
@@ -520,7 +600,8 @@ class Teacher(nn.Module):
         return self.model(x)
 
     def extra_repr(self) -> str:
-        parts = [f"name={self.name!r}", f"num_classes={self.num_classes}", f"input_size={self.input_size}"]
+        size = self.input_size if self.adapt_resolution else None
+        parts = [f"name={self.name!r}", f"num_classes={self.num_classes}", f"input_size={size or 'as given'}"]
         if self.renormalize:
             parts.append(
                 f"renormalize={_fmt(self.input_mean)}/{_fmt(self.input_std)}->{_fmt(self.mean)}/{_fmt(self.std)}"
@@ -530,6 +611,11 @@ class Teacher(nn.Module):
         if self.dtype is not None:
             parts.append(f"dtype={self.dtype}")
         return ", ".join(parts)
+
+
+def _size2(size: Sequence[int]) -> tuple[int, int]:
+    """``(H, W)`` from an ``(H, W)`` or a ``(C, H, W)`` size."""
+    return (int(size[-2]), int(size[-1]))
 
 
 def _fmt(v: Sequence[float]) -> str:

@@ -99,6 +99,11 @@ def _loss(loss: str | Any, loss_kwargs: dict[str, Any]) -> tuple[Any, str]:
     return loss, getattr(loss, "name", type(loss).__name__)
 
 
+def _size_of(data_config: dict[str, Any]) -> tuple[int, int] | None:
+    size = data_config.get("input_size")
+    return (int(size[-2]), int(size[-1])) if size else None
+
+
 def _cached_teacher(teacher: CachedTeacher, n_student: int, class_map: Any) -> CachedTeacher:
     """A cache's teacher, used as it is: its logits are already in the student's classes."""
     if class_map is not None:
@@ -134,14 +139,19 @@ class DistillWrapper(TrainingTask):
             with ``weights_only=True``) loaded strictly into the named model; the class count comes
             from the checkpoint.
         adapt_normalization, adapt_resolution: re-normalize / resize the student's images for the
-            teacher when their configs differ (on by default; see ``timm_kd/teacher.py``).
+            teacher where its known input config differs from the batch (on by default; see
+            ``timm_kd/teacher.py``).
         teacher_channels_last, compile_teacher, teacher_dtype: how the teacher runs (``compile_teacher``
             may be a dict of ``torch.compile`` kwargs; ``teacher_dtype`` a dtype or its name).
         data_config: how the images given to the wrapper are normalized (``mean``, ``std``...);
             defaults to the student's ``timm.data.resolve_data_config``. Build the input pipeline from
             ``wrapper.data_config``.
-        teacher_data_config: the teacher's own ``mean``, ``std``, ``input_size``, ``interpolation``,
-            when its ``pretrained_cfg`` is missing or wrong.
+        teacher_data_config: the teacher's own ``mean``, ``std``, ``input_size``, ``interpolation``.
+            Without it (or for keys it lacks) the teacher gets what its weights' config says where
+            that is known (a pretrained tag, ``hf-hub:``, ``local-dir:``, a ``config.json`` beside
+            ``teacher_checkpoint``), else the batch as it is: no resize, no re-normalization. A
+            module not created by ``timm_kd.models.resolve_model`` has no known config. An active
+            adapter warns once, saying what the teacher sees and what it costs.
         student_kwargs, teacher_kwargs: extra ``timm.create_model`` kwargs for named models.
         device: where to put the wrapper; defaults to the student's device.
         verbose: log what the adapters do (once each).
@@ -244,6 +254,7 @@ class DistillWrapper(TrainingTask):
             loss_fn.to(self.device)
 
         self.loss_kwargs = dict(loss_kwargs)
+        self.trained_input_size: tuple[int, int] | None = None  # (H, W) of the last training batch
         self.student_name = student if isinstance(student, str) else None
         self.teacher_name = teacher if isinstance(teacher, str) else None
 
@@ -283,7 +294,12 @@ class DistillWrapper(TrainingTask):
 
     def extra_repr(self) -> str:
         teacher = f"{type(self.teacher).__name__}({self.teacher.extra_repr()})"
-        return f"teacher={teacher} (frozen, not a submodule), loss={self.loss_name!r}"
+        head = f"teacher={teacher} (frozen, not a submodule), loss={self.loss_name!r}"
+        describe = getattr(self.teacher, "describe_input", None)
+        if describe is None:  # a cache's teacher: its logits were computed when the cache was built
+            return head
+        size = self.trained_input_size or _size_of(self.data_config)
+        return f"{describe(size)}\n{head}"
 
     # ---------------------------------------------------------------------------------------------
     # timm TrainingTask interface
@@ -338,6 +354,8 @@ class DistillWrapper(TrainingTask):
                 f"a live teacher takes only the images; got teacher inputs {sorted(teacher_inputs)} (they "
                 f"belong to a cached run: DistillWrapper(student, CachedTeacher(cache), ...))."
             )
+        if self.training and tuple(images.shape[-2:]) != self.trained_input_size:
+            self.trained_input_size = tuple(images.shape[-2:])  # what save_pretrained publishes
         # the teacher first: its activations are gone before the student's pile up
         teacher_output = self.teacher(images, **teacher_inputs)
         output = self.student(images)
@@ -361,6 +379,21 @@ class DistillWrapper(TrainingTask):
         """The teacher alone on the student's ``images``: adapters applied, student's classes (a cached
         teacher: rebuilt from ``teacher_inputs``)."""
         return self.teacher(images, **teacher_inputs)
+
+    @property
+    def student_data_config(self) -> dict[str, Any]:
+        """The preprocessing the student was trained with, for its published ``config.json``.
+
+        ``data_config`` (how the wrapper's images are normalized), with ``input_size`` the spatial
+        size of the training batches this wrapper has seen (the last one), where it saw any.
+        ``timm_kd.save_pretrained(wrapper, ...)`` publishes it unless given ``data_config=``.
+        """
+        keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+        cfg = {k: self.data_config[k] for k in keys if self.data_config.get(k) is not None}
+        if self.trained_input_size is not None:
+            chans = model_in_chans(self.student) or int(cfg.get("input_size", (3,))[0])
+            cfg["input_size"] = (chans, *self.trained_input_size)
+        return cfg
 
     def student_state_dict(self, ema: bool = False) -> dict[str, torch.Tensor]:
         """The student's weights with plain timm keys (no ``student.``, ``module.`` or ``_orig_mod.``).

@@ -279,8 +279,6 @@ def expand_logits(
     return out
 
 
-
-
 def topk_error(
     loss_fn: Callable,
     student_logits: Tensor,

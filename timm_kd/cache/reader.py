@@ -37,6 +37,9 @@ from .store import (
     load_tail_prior,
     manifest_differences,
     read_manifest,
+    shard_name,
+    teacher_files_sha256,
+    verify_cache,
 )
 
 __all__ = ["TeacherCache", "CachedViewDataset", "collate_cached", "CachedTeacher"]
@@ -102,7 +105,8 @@ class _ArrowRows:
 class TeacherCache:
     """An opened, complete teacher cache: its manifest and its rows as a memory-mapped ``datasets.Dataset``.
 
-    ``TeacherCache(dir)`` refuses an incomplete build (rerun ``cache-teacher`` to resume it).
+    ``TeacherCache(dir)`` refuses an incomplete build (rerun ``cache-teacher`` to resume it) and a
+    damaged one (a shard or the tail prior that does not match the manifest's ``files``, each named).
     ``check(...)`` refuses a cache that does not match the training run; ``dataset(...)`` gives the
     training set that replays the stored views.
     """
@@ -111,23 +115,37 @@ class TeacherCache:
         self.root = Path(cache_dir)
         self.manifest = read_manifest(self.root)
         m = self.manifest
+        rerun = (
+            f"the command that built it (`timm-kd cache-teacher --cache-dir {self.root} ...` or a recipe's "
+            f"`--build-teacher-cache {self.root}`, with the same flags)"
+        )
         if m.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"teacher cache {self.root} has format version {m.get('format_version')}, this timm-kd reads "
-                f"{FORMAT_VERSION}; rebuild it with `timm-kd cache-teacher`."
+                f"{FORMAT_VERSION}; rebuild it: rerun {rerun} with --overwrite."
             )
         if not m.get("complete"):
-            done = len(list((self.root / DATA_DIR).glob("train-*.parquet")))
+            missing = _missing_work(self.root, m)
+            raise ValueError(f"teacher cache {self.root} is incomplete: {missing}. Rerun {rerun}.")
+        damaged = verify_cache(self.root, m, prior_parts=False)
+        if damaged:
             raise ValueError(
-                f"teacher cache {self.root} is incomplete ({done} of {m.get('num_shards')} shards written): "
-                f"its build was interrupted. Rerun the same `timm-kd cache-teacher` command to finish it."
+                f"teacher cache {self.root} is damaged: {'; '.join(damaged.values())}. Rerun {rerun}: it "
+                f"checks every shard and rebuilds only the damaged ones."
             )
         files = [str(self.root / DATA_DIR / name) for name in m["shards"]]
-        self.rows = datasets.load_dataset("parquet", data_files=files, split="train").with_format("numpy")
+        try:
+            rows = datasets.load_dataset("parquet", data_files=files, split="train")
+        except Exception as e:  # pyarrow/datasets errors on a file that passed the check (changed since)
+            raise ValueError(
+                f"teacher cache {self.root}: its shards in {self.root / DATA_DIR} cannot be read "
+                f"({type(e).__name__}: {e}). Rerun {rerun}: it rebuilds the damaged shards."
+            ) from None
+        self.rows = rows.with_format("numpy")
         if len(self.rows) != m["num_images"] * m["num_views"]:
             raise ValueError(
                 f"teacher cache {self.root}: {len(self.rows)} rows, expected "
-                f"{m['num_images'] * m['num_views']}; delete it and rebuild."
+                f"{m['num_images'] * m['num_views']}. Rerun {rerun} with --overwrite."
             )
         self.reader = _ArrowRows(self.rows)  # what training reads rows through (``self.rows[i]`` is slow)
         self.num_views = int(m["num_views"])
@@ -138,9 +156,13 @@ class TeacherCache:
 
     def check(self, config, train_dataset, num_classes: int, transform: Callable) -> None:
         """Raise ``ValueError`` listing every difference between the cache and this training run."""
+        weights = self.manifest.get("teacher_weights_sha256")
+        if self.manifest.get("teacher_weights_source") == "files":  # else only a rebuild can recompute it
+            weights = teacher_files_sha256(config.teacher, config.teacher_checkpoint)
         now = {
             "teacher": config.teacher,
             "teacher_checkpoint_sha256": file_sha256(config.teacher_checkpoint),
+            "teacher_weights_sha256": weights,
             "pretrained_teacher": bool(config.pretrained_teacher),
             "class_map": config.class_map,
             "dataset_fingerprint": dataset_fingerprint(train_dataset),
@@ -148,6 +170,8 @@ class TeacherCache:
             "transform": ReplayTransform(transform).describe(),
         }
         diff = manifest_differences(self.manifest, now, TRAIN_KEYS)
+        if any(d.startswith("teacher_weights_sha256:") for d in diff):
+            diff.append(f"the teacher's weight files ({config.teacher_checkpoint or config.teacher}) changed")
         if diff:
             raise ValueError(
                 f"teacher cache {self.root} does not match this run: {'; '.join(diff)}. Rebuild the cache "
@@ -175,6 +199,20 @@ class TeacherCache:
     @staticmethod
     def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_cached(batch)
+
+
+def _missing_work(root: Path, manifest: dict[str, Any]) -> str:
+    """What an interrupted build left undone: the shards not written, or its last step."""
+    n = int(manifest.get("num_shards") or 0)
+    missing = [shard_name(s, n) for s in range(n) if not (root / DATA_DIR / shard_name(s, n)).is_file()]
+    if missing:
+        listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        return f"{n - len(missing)} of {n} shards written, {listed} not yet"
+    last = "merging the tail prior, " if manifest.get("tail_prior") else ""
+    return (
+        f"all {n} shards are written, but the build stopped in its last step ({last}recording every "
+        f"file's size and SHA-256 and marking {MANIFEST_FILE} complete)"
+    )
 
 
 class CachedViewDataset(torch.utils.data.Dataset):

@@ -2,17 +2,31 @@
 
 Layout of a cache folder (a ``datasets`` repository the Hub can host)::
 
-    manifest.json                        build settings; ``complete`` once every shard is there
+    manifest.json                        build settings; ``complete`` and ``files`` once every shard is there
     README.md                            the ``datasets`` config (``load_dataset(folder)`` works)
     data/train-SSSSS-of-NNNNN.parquet    one row per (image, view), ordered by image then view
     prior/train-SSSSS-of-NNNNN.safetensors  each shard's ``TailPrior`` sums (merged at the end)
+    records/train-SSSSS-of-NNNNN.json    each shard's size, SHA-256 and rows (and its prior part's)
     tail_prior.safetensors               the ``[C, C]`` tail prior (``log_prior``), when the build has one
 
 Shard ``s`` holds images ``[s * shard_size, (s + 1) * shard_size)``, so row ``i * num_views + v`` of
 the concatenated shards is view ``v`` of image ``i``. Every file is written to a temporary name and
-renamed: a shard is either complete or absent, which is what lets a killed build resume. Building
-is engine-side (``timm_kd.engine.build_teacher_cache``); it runs the teacher and writes through
-``check_resume``, ``start_build``, ``pending_shards``, ``ShardWriter`` and ``finalize_build``.
+renamed: a shard is either complete or absent, which is what lets a killed build resume.
+
+Integrity: a shard's record (size, SHA-256, rows) is written before the shard is renamed into
+place; ``finalize_build`` checks every shard against its record and copies the records of every
+file (shards, prior parts, the tail prior) into the manifest's ``files``. ``verify_cache`` checks a
+cache against them (a complete cache against its manifest, a partial one against the records),
+naming each damaged file; training refuses a damaged cache, and rerunning the build rebuilds only
+the damaged shards. The manifest also fingerprints the teacher's weights
+(``teacher_weights_sha256``): the SHA-256 of its weight files (a ``--teacher-checkpoint`` file, the
+weight files of a ``local-dir:`` folder), which training recomputes, or, for weights that come
+from elsewhere (a pretrained tag, ``hf-hub:``, random, a module), of its state dict's bytes, which
+only a rebuild can recompute (``teacher_weights_source``: ``"files"`` or ``"state_dict"``).
+
+Building is engine-side (``timm_kd.engine.build_teacher_cache``); it runs the teacher and writes
+through ``check_resume``, ``start_build``, ``pending_shards``, ``ShardWriter`` and ``finalize_build``
+(with ``verify_cache``, ``reopen_build`` and ``remove_cache`` for repairs and ``--overwrite``).
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +54,7 @@ __all__ = [
     "MANIFEST_FILE",
     "DATA_DIR",
     "PRIOR_DIR",
+    "RECORDS_DIR",
     "TAIL_PRIOR_FILE",
     "BUILD_KEYS",
     "TRAIN_KEYS",
@@ -47,6 +63,11 @@ __all__ = [
     "cache_features",
     "dataset_fingerprint",
     "file_sha256",
+    "teacher_files_sha256",
+    "state_dict_sha256",
+    "verify_cache",
+    "reopen_build",
+    "remove_cache",
     "read_manifest",
     "manifest_differences",
     "check_resume",
@@ -57,16 +78,20 @@ __all__ = [
     "load_tail_prior",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard records, the manifest's ``files`` and the teacher weights' fingerprint
 MANIFEST_FILE = "manifest.json"
 DATA_DIR = "data"
 PRIOR_DIR = "prior"  # per-shard TailPrior sums, merged into TAIL_PRIOR_FILE when the build completes
+RECORDS_DIR = "records"  # per-shard size/sha256/rows, written before the shard is renamed into place
 TAIL_PRIOR_FILE = "tail_prior.safetensors"
+#: file suffixes that hold a local-dir: model's weights (hashed into ``teacher_weights_sha256``)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".npz")
 #: manifest keys that must agree between a partial cache and the command resuming it
 BUILD_KEYS = (
     "format_version",
     "teacher",
     "teacher_checkpoint_sha256",
+    "teacher_weights_sha256",
     "pretrained_teacher",
     "class_map",
     "dataset",
@@ -82,10 +107,12 @@ BUILD_KEYS = (
     "num_shards",
     "tail_prior",
 )
-#: manifest keys a training run must agree with (the rest describes how the cache was built)
+#: manifest keys a training run must agree with (the rest describes how the cache was built);
+#: ``teacher_weights_sha256`` is compared when its source is ``"files"`` (see ``TeacherCache.check``)
 TRAIN_KEYS = (
     "teacher",
     "teacher_checkpoint_sha256",
+    "teacher_weights_sha256",
     "pretrained_teacher",
     "class_map",
     "dataset_fingerprint",
@@ -155,6 +182,37 @@ def file_sha256(path: str | os.PathLike | None) -> str | None:
     return h.hexdigest()[:32]
 
 
+def teacher_files_sha256(teacher: str | None, checkpoint: str | os.PathLike | None) -> str | None:
+    """A fingerprint of the files a teacher's weights are read from: the ``checkpoint`` file, else
+    every weight file (``WEIGHT_SUFFIXES``) of a ``local-dir:`` folder, by name and content (32 hex
+    digits). None when the weights come from elsewhere (a pretrained tag, ``hf-hub:``, random)."""
+    if checkpoint:
+        paths = [Path(checkpoint)]
+    elif teacher and teacher.startswith("local-dir:"):
+        folder = Path(teacher.split(":", 1)[1])
+        if not folder.is_dir():
+            return None
+        paths = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    else:
+        return None
+    if not paths:
+        return None
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(f"{path.name}\0{file_sha256(path)}\0".encode())
+    return h.hexdigest()[:32]
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """A fingerprint of a module's weights: every state-dict entry's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=list))
@@ -201,8 +259,6 @@ the dropped logits when they are rebuilt.
 """
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 # Writing: what a build calls, in this order
 
@@ -221,7 +277,7 @@ def check_resume(root: str | os.PathLike, manifest: dict[str, Any]) -> dict[str,
     if diff:
         raise ValueError(
             f"{root} holds a teacher cache built with other settings ({'; '.join(diff)}). Pass another "
-            f"--cache-dir, or delete {root} to rebuild it with these settings."
+            f"cache folder, or add --overwrite to replace it with a cache built with these settings."
         )
     return saved if saved.get("complete") else None
 
@@ -233,8 +289,10 @@ def start_build(root: str | os.PathLike, manifest: dict[str, Any]) -> None:
     data_dir = root / DATA_DIR
     data_dir.mkdir(parents=True, exist_ok=True)
     (root / PRIOR_DIR).mkdir(exist_ok=True)
-    for stale in [*data_dir.glob(".tmp-*"), *(root / PRIOR_DIR).glob(".tmp-*")]:
-        stale.unlink()
+    (root / RECORDS_DIR).mkdir(exist_ok=True)
+    stale = [*data_dir.glob(".tmp-*"), *(root / PRIOR_DIR).glob(".tmp-*")]
+    for path in stale + list((root / RECORDS_DIR).glob(".*.tmp-*")):
+        path.unlink()
     _write_json_atomic(root / MANIFEST_FILE, manifest)
     (root / "README.md").write_text(_README.format(**manifest))
 
@@ -277,22 +335,129 @@ class ShardWriter:
             self.columns[key] += list(value)
 
     def write(self) -> Path:
+        prior = None
         if self.prior is not None:  # before the shard: a finished shard always has its prior sums
-            _save_atomic(self.prior.state(), self.root / PRIOR_DIR / f"{self.path.stem}.safetensors")
+            part = self.root / PRIOR_DIR / f"{self.path.stem}.safetensors"
+            _save_atomic(self.prior.state(), part)
+            prior = _file_record(part)
         tmp = self.path.parent / f".tmp-{self.path.name}.{os.getpid()}"
         datasets.Dataset.from_dict(self.columns, features=self.features).to_parquet(str(tmp))
+        record = {**_file_record(tmp), "rows": len(self.columns["index"]), "prior": prior}
+        (self.root / RECORDS_DIR).mkdir(exist_ok=True)
+        _write_json_atomic(_record_path(self.root, self.path.name), record)  # before the shard appears
         os.replace(tmp, self.path)  # a shard is either complete or absent
         return self.path
 
 
+def _record_path(root: Path, shard: str) -> Path:
+    return root / RECORDS_DIR / f"{Path(shard).stem}.json"
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _read_record(root: Path, shard: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(_record_path(root, shard).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _file_problem(path: Path, expected: dict[str, Any] | None, label: str) -> str | None:
+    """Why ``path`` does not match its record (``{"bytes", "sha256"}``), or None when it does."""
+    if not path.is_file():
+        return f"{label} is missing"
+    if not isinstance(expected, dict):
+        return f"{label} has no record of its size and SHA-256"
+    size = path.stat().st_size
+    if size != expected.get("bytes"):
+        return f"{label} has {size} bytes, {expected.get('bytes')} were written (truncated or replaced)"
+    if file_sha256(path) != expected.get("sha256"):
+        return f"{label} does not have the SHA-256 recorded when it was written (corrupted or replaced)"
+    return None
+
+
+def verify_cache(
+    root: str | os.PathLike, manifest: dict[str, Any], *, prior_parts: bool = True
+) -> dict[int | None, str]:
+    """What is damaged in a cache: shard number (None: the merged tail prior) -> the reason, naming
+    the file. A complete cache is checked against its manifest's ``files`` (every shard must be
+    there); a partial one's written shards against their records (shards not yet written are work
+    left, not damage). ``prior_parts``: also check each shard's ``TailPrior`` part (a rebuild needs
+    them; training reads only the merged prior). Reads every file once (SHA-256)."""
+    root = Path(root)
+    complete = bool(manifest.get("complete"))
+    files = manifest.get("files") or {}
+    with_prior = bool(manifest.get("tail_prior"))
+    problems: dict[int | None, str] = {}
+    for s in range(int(manifest["num_shards"])):
+        name = shard_name(s, int(manifest["num_shards"]))
+        shard, part = root / DATA_DIR / name, root / PRIOR_DIR / f"{Path(name).stem}.safetensors"
+        if complete:
+            expected, expected_part = files.get(f"{DATA_DIR}/{name}"), files.get(f"{PRIOR_DIR}/{part.name}")
+        elif not shard.is_file():
+            continue
+        else:
+            record = _read_record(root, name) or {}
+            expected, expected_part = record or None, record.get("prior")
+        reason = _file_problem(shard, expected, f"{DATA_DIR}/{name}")
+        if reason is None and with_prior and prior_parts:
+            reason = _file_problem(part, expected_part, f"{PRIOR_DIR}/{part.name}")
+        if reason is not None:
+            problems[s] = reason
+    if complete and with_prior:
+        name = manifest["tail_prior"]
+        reason = _file_problem(root / name, files.get(name), name)
+        if reason is not None:
+            problems[None] = reason
+    return problems
+
+
+def reopen_build(root: str | os.PathLike, manifest: dict[str, Any], shards: Sequence[int]) -> None:
+    """Delete ``shards`` (each with its prior part and record) and the merged tail prior, and reopen
+    the build (``start_build``: ``complete: False``), so that the build writes them again (one process)."""
+    root = Path(root)
+    names = [shard_name(s, int(manifest["num_shards"])) for s in shards]
+    doomed = [root / TAIL_PRIOR_FILE]
+    for name in names:
+        stem = Path(name).stem
+        doomed += [root / DATA_DIR / name, root / PRIOR_DIR / f"{stem}.safetensors", _record_path(root, name)]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    start_build(root, manifest)
+
+
+def remove_cache(root: str | os.PathLike) -> None:
+    """Delete the teacher cache in ``root``: the files and folders a build writes, nothing else
+    (``--overwrite``). Refuses a folder without ``manifest.json``: it holds no cache."""
+    root = Path(root)
+    if not (root / MANIFEST_FILE).is_file():
+        raise FileNotFoundError(f"{root} holds no teacher cache (no {MANIFEST_FILE}); nothing was deleted.")
+    for name in (DATA_DIR, PRIOR_DIR, RECORDS_DIR):
+        shutil.rmtree(root / name, ignore_errors=True)
+    for name in (TAIL_PRIOR_FILE, "README.md", MANIFEST_FILE):
+        (root / name).unlink(missing_ok=True)
+
+
 def finalize_build(root: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Check that every shard is there with the right rows; merge the tail prior; add statistics
-    (``num_rows``, ``teacher_view_top1``, ``bytes``, ``bytes_per_view``, ``shards``); mark complete."""
+    """Check that every shard is there, matches its record and has the right rows; merge the tail
+    prior; add statistics (``num_rows``, ``teacher_view_top1``, ``bytes``, ``bytes_per_view``,
+    ``shards``) and every file's record (``files``: size and SHA-256); mark complete."""
     root = Path(root)
     files = [root / DATA_DIR / shard_name(s, manifest["num_shards"]) for s in range(manifest["num_shards"])]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise RuntimeError(f"teacher cache {root}: shards missing after the build: {missing[:5]}")
+        raise RuntimeError(
+            f"teacher cache {root}: shards missing after the build: {missing[:5]}; rerun the same command "
+            f"to build them."
+        )
+    damaged = verify_cache(root, {**manifest, "complete": False})
+    if damaged:
+        raise RuntimeError(
+            f"teacher cache {root}: {'; '.join(damaged.values())}. Rerun the same command: it rebuilds the "
+            f"damaged shards."
+        )
     rows = correct = 0
     for f in files:
         table = pq.read_table(f, columns=["label", "indices"])
@@ -306,10 +471,18 @@ def finalize_build(root: str | os.PathLike, manifest: dict[str, Any]) -> dict[st
     if manifest.get("tail_prior"):
         prior = None
         for f in files:
-            part = TailPrior.from_state(_load_safetensors(root / PRIOR_DIR / f"{f.stem}.safetensors"))
+            part = TailPrior.from_state(_load_safetensors(root, f"{PRIOR_DIR}/{f.stem}.safetensors"))
             prior = part if prior is None else prior.merge(part)
         _save_atomic({"log_prior": prior.table()}, root / TAIL_PRIOR_FILE)
     size = sum(f.stat().st_size for f in files)
+    records = {}
+    for f in files:
+        record = _read_record(root, f.name)
+        records[f"{DATA_DIR}/{f.name}"] = {"bytes": record["bytes"], "sha256": record["sha256"]}
+        if record.get("prior"):
+            records[f"{PRIOR_DIR}/{f.stem}.safetensors"] = record["prior"]
+    if manifest.get("tail_prior"):
+        records[manifest["tail_prior"]] = _file_record(root / manifest["tail_prior"])
     manifest = {
         **manifest,
         "complete": True,
@@ -318,6 +491,7 @@ def finalize_build(root: str | os.PathLike, manifest: dict[str, Any]) -> dict[st
         "bytes": size,
         "bytes_per_view": size / max(rows, 1),
         "shards": [f.name for f in files],
+        "files": records,
     }
     _write_json_atomic(root / MANIFEST_FILE, manifest)
     return manifest
@@ -328,7 +502,7 @@ def load_tail_prior(root: str | os.PathLike, manifest: dict[str, Any]) -> Tensor
     if not manifest.get("tail_prior"):
         return None
     root = Path(root)
-    prior = _load_safetensors(root / manifest["tail_prior"])["log_prior"]
+    prior = _load_safetensors(root, manifest["tail_prior"])["log_prior"]
     c = int(manifest["num_classes"])
     if prior.shape != (c, c):
         raise ValueError(
@@ -346,10 +520,16 @@ def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load_safetensors(path: Path) -> dict[str, Tensor]:
+def _load_safetensors(root: Path, name: str) -> dict[str, Tensor]:
+    """``root / name`` (a file of the cache in ``root``), its absence or damage named with the fix."""
+    path = root / name
+    fix = (
+        f"Rerun the command that built the cache (it rebuilds the damaged parts), or delete the cache "
+        f"folder {root} and build it again."
+    )
     if not path.is_file():
-        raise RuntimeError(
-            f"teacher cache {path.parent.parent}: {path.name} is missing (a shard written by an older "
-            f"timm-kd?); delete the cache folder and rebuild it."
-        )
-    return load_file(str(path))
+        raise ValueError(f"teacher cache {root}: {name} is missing. {fix}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a damaged header or body
+        raise ValueError(f"teacher cache {root}: {name} cannot be read ({e}). {fix}") from None

@@ -28,7 +28,7 @@ from .embedded import (
     load_digits,
     make_embedded_dataset,
 )
-from .images import OnCorrupt, decode_image, describe_image, undecoded, verify_images
+from .images import OnCorrupt, decode_image, default_record_dir, describe_image, undecoded, verify_images
 from .pipeline import (
     SeededSampler,
     TransformedImageDataset,
@@ -40,7 +40,7 @@ from .pipeline import (
     sample_seed,
     seeded_transform,
 )
-from .sources import check_labels, get_label_names, get_num_classes, load_image_dataset
+from .sources import check_labels, get_label_names, get_num_classes, load_image_dataset, split_validation
 
 __all__ = [
     "EMBEDDED_NAME",
@@ -51,6 +51,7 @@ __all__ = [
     "embedded_source_pools",
     "load_digits",
     "load_image_dataset",
+    "split_validation",
     "get_label_names",
     "get_num_classes",
     "check_labels",
@@ -58,6 +59,7 @@ __all__ = [
     "describe_image",
     "undecoded",
     "verify_images",
+    "default_record_dir",
     "sample_seed",
     "seeded_transform",
     "apply_transform",

@@ -7,23 +7,36 @@ labels fit a model.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
+import hashlib
 import logging
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow.compute as pc
+from datasets.data_files import SPLIT_KEYWORDS
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
+from ..offline import HubUnreachableError, hub_offline_mode, hub_unreachable_reason
 from .embedded import EMBEDDED_NAME, make_embedded_dataset
 
-__all__ = ["load_image_dataset", "get_label_names", "get_num_classes", "check_labels"]
+__all__ = ["load_image_dataset", "split_validation", "get_label_names", "get_num_classes", "check_labels"]
 
 _logger = logging.getLogger(__name__)
 
 _IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "picture", "pixel_values")
 _LABEL_NAMES = ("label", "labels", "fine_label", "class", "cls", "target", "targets", "category")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "validation"}
+_IMAGE_EXTENSIONS = frozenset(e.lower() for e in ImageFolder.EXTENSIONS)
+_LAST_FOLDER: dict[str, Any] = {}  # the last local folder loaded (all splits), by its files and arguments
+_DATA_FILE_BUILDERS = {
+    ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".jsonl": "json", ".json": "json"
+}
 
 
 def _looks_like_path(name: str) -> bool:
@@ -49,8 +62,96 @@ def _pick_split(available: Sequence[str], split: str, source: str) -> str:
         return reverse[0]
     raise ValueError(
         f"dataset {source!r} has no split {split!r}; available splits: {', '.join(available) or 'none'}. "
-        f"Pass one of them (--train-split / --val-split in the recipes)."
+        f"Pass one of them (--train-split / --val-split in the recipes), or, for data without a validation "
+        f"split, hold out part of the training split (--val-fraction 0.1)."
     )
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """No ``datasets`` progress bars within the block: reading local files is not "Downloading data"."""
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def _data_file_builder(path: str) -> str | None:
+    """The ``datasets`` builder for a data file (``parquet``, ``arrow``, ``csv``, ``json``), else None."""
+    name = path.lower()
+    for suffix, builder in _DATA_FILE_BUILDERS.items():
+        if name.endswith(suffix):
+            return builder
+    return None
+
+
+def _load_data_file(
+    path: str, split: str, streaming: bool, cache_dir: str | None, load_kwargs: dict[str, Any]
+) -> datasets.Dataset | datasets.IterableDataset:
+    """One data file (or a glob of them) is one split: ``train``."""
+    builder = _data_file_builder(path)
+    if builder is None:
+        raise ValueError(
+            f"dataset path {path!r} is a file that is not a data file ({', '.join(_DATA_FILE_BUILDERS)}); "
+            f"pass a data file, or a folder (one sub-folder per class, or data/<split>-*.parquet)"
+        )
+    if _SPLIT_ALIASES.get(split, split) != "train":
+        raise ValueError(
+            f"dataset {path!r} is one data file: it holds the 'train' split only, not {split!r}. Hold out "
+            f"part of it (--val-fraction 0.1), or put the splits in a folder as data/train-*.{builder} and "
+            f"data/validation-*.{builder} and pass the folder"
+        )
+    _logger.info("reading %s file(s) %s", builder, path)
+    with _quiet_progress():
+        return datasets.load_dataset(
+            builder, data_files={"train": path}, split="train", streaming=streaming, cache_dir=cache_dir,
+            **load_kwargs,
+        )
+
+
+def _image_folder_files(path: str) -> dict[str, list[str]] | None:
+    """The image files of a class folder, per split, from one directory walk; None if it is not one.
+
+    The layout ``datasets`` infers for an image folder (split folders named train/val/test... per
+    ``datasets.data_files.SPLIT_KEYWORDS``, else the whole folder is ``train``; hidden and
+    ``__``-prefixed entries skipped; labels from the parent folders), but walked once: ``datasets``
+    walks the tree once per candidate pattern, tens of times. None (``datasets`` infers the layout
+    itself) for folders without images, with data files or with metadata files.
+    """
+    split_of = {keyword: str(split) for split, keywords in SPLIT_KEYWORDS.items() for keyword in keywords}
+    try:
+        top = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith((".", "__")))
+    except OSError:
+        return None
+    roots: dict[str, list[str]] = {}
+    for name in top:
+        if name in split_of:
+            roots.setdefault(split_of[name], []).append(os.path.join(path, name))
+        elif re.match(rf"({'|'.join(split_of)})[-._ ]", name):
+            return None  # train-00/, val_a/...: datasets' own split patterns decide
+    nested_splits = not roots  # then a split folder further down (images/train/...) is datasets' case
+    if not roots:
+        roots = {"train": [path]}
+    files: dict[str, list[str]] = {}
+    for split, folders in roots.items():
+        found = files.setdefault(split, [])
+        for folder in folders:
+            for root, dirs, names in os.walk(folder):
+                dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+                if nested_splits and root != path and any(d in split_of for d in dirs):
+                    return None
+                for name in names:
+                    if name.startswith((".", "__")):
+                        continue
+                    if name in ImageFolder.METADATA_FILENAMES or _data_file_builder(name):
+                        return None
+                    if os.path.splitext(name)[1].lower() in _IMAGE_EXTENSIONS:
+                        found.append(os.path.join(root, name))
+    files = {split: sorted(found) for split, found in files.items() if found}
+    return files or None
 
 
 def _load_local(
@@ -63,19 +164,64 @@ def _load_local(
         if isinstance(loaded, datasets.DatasetDict):
             loaded = loaded[_pick_split(list(loaded), split, path)]
         return loaded.to_iterable_dataset() if streaming else loaded
-    try:
-        loaded = datasets.load_dataset(
-            "imagefolder", data_dir=path, cache_dir=cache_dir, streaming=streaming, **load_kwargs
-        )
-    except FileNotFoundError as e:
-        raise ValueError(
-            f"found no images in {path!r} ({e}). An image folder holds one sub-folder per class "
-            f"(e.g. {path}/cat/001.jpg), optionally under train/, validation/ and test/."
-        ) from e
+    given = "data_files" in load_kwargs or "data_dir" in load_kwargs
+    files = None if given else _image_folder_files(path)
+    arguments = (os.path.abspath(path), streaming, cache_dir, sorted(load_kwargs.items()))
+    digest = hashlib.sha256(repr(arguments).encode())
+    for split_name, names in (files or {}).items():
+        digest.update(("\0".join([split_name, *names]) + "\n").encode())
+    key = digest.hexdigest()
+    loaded = _LAST_FOLDER.get(key)
+    if loaded is None:  # the train and validation splits of one start: one load
+        _logger.info("reading local folder %s", path)
+        try:  # an image folder's files, or datasets infers the layout (data/<split>-*.parquet|arrow|csv)
+            with _quiet_progress():
+                source = {"path": "imagefolder", "data_files": files} if files is not None else {"path": path}
+                loaded = datasets.load_dataset(
+                    **source, cache_dir=cache_dir, streaming=streaming, **load_kwargs
+                )
+        except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as e:
+            raise ValueError(
+                f"found no images or data files in {path!r} ({e}). A local dataset is a folder with one "
+                f"sub-folder per class (e.g. {path}/cat/001.jpg, optionally under train/, validation/ and "
+                f"test/), a folder of parquet/arrow/csv files (the Hub layout: data/train-*.parquet), a data "
+                f"file, or a folder written by Dataset.save_to_disk."
+            ) from e
+        _LAST_FOLDER.clear()
+        _LAST_FOLDER[key] = loaded
     return loaded[_pick_split(list(loaded), split, path)]
 
 
 def _load_hub(
+    name: str, split: str, streaming: bool, cache_dir: str | None, load_kwargs: dict[str, Any]
+) -> datasets.Dataset | datasets.IterableDataset:
+    """A Hub id; when the Hub cannot be reached, the local cache only, failing at once."""
+    reason = hub_unreachable_reason()
+    try:
+        if reason is None:
+            return _load_hub_split(name, split, streaming, cache_dir, load_kwargs)
+        with hub_offline_mode():
+            return _load_hub_split(name, split, streaming, cache_dir, load_kwargs)
+    except (OSError, datasets.exceptions.DatasetsError) as e:  # not found, gated, offline, network
+        if reason is not None:
+            raise HubUnreachableError(
+                f"dataset {name!r} (split {split!r}) must come from the Hugging Face Hub, but {reason} "
+                f"and it is not in the local datasets cache ({datasets.config.HF_DATASETS_CACHE}). Fixes: "
+                f"pass a local copy (--dataset PATH: an image folder, a folder of parquet files such as a "
+                f"Hub repository's data/train-*.parquet, a .parquet file, or a Dataset.save_to_disk "
+                f"folder); or fill the cache once online "
+                f"(python -c \"import datasets; datasets.load_dataset('{name}')\"), then run with "
+                f"HF_DATASETS_OFFLINE=1 to skip the network. ({type(e).__name__}: {e})"
+            ) from None
+        raise RuntimeError(
+            f"could not load dataset {name!r} (split {split!r}) from the Hugging Face Hub: "
+            f"{type(e).__name__}: {e}. Check the id on https://huggingface.co/datasets, log in with "
+            f"`hf auth login` and accept the dataset's terms if it is gated (imagenet-1k is). If you meant "
+            f"a local folder or file, pass a path that exists (e.g. ./{name})."
+        ) from e
+
+
+def _load_hub_split(
     name: str, split: str, streaming: bool, cache_dir: str | None, load_kwargs: dict[str, Any]
 ) -> datasets.Dataset | datasets.IterableDataset:
     try:
@@ -91,26 +237,9 @@ def _load_hub(
                 available = None
             if available:  # raises with the list, or resolves an alias such as val -> validation
                 resolved = _pick_split(available, split, name)
-                return _load_hub(name, resolved, streaming, cache_dir, load_kwargs)
+                return _load_hub_split(name, resolved, streaming, cache_dir, load_kwargs)
             raise ValueError(f"dataset {name!r} has no split {split!r}: {msg}") from e
         raise
-    except (OSError, datasets.exceptions.DatasetsError) as e:  # not found, gated, offline, network
-        offline = any(
-            os.environ.get(var, "0").upper() in ("1", "ON", "YES", "TRUE")
-            for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-        )
-        hint = (
-            "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set and the dataset is not in the local cache: run once "
-            "online, or point to a local copy"
-            if offline
-            else "check the id on https://huggingface.co/datasets, log in with `hf auth login` and accept "
-            "the dataset's terms if it is gated (imagenet-1k is)"
-        )
-        raise RuntimeError(
-            f"could not load dataset {name!r} (split {split!r}) from the Hugging Face Hub: "
-            f"{type(e).__name__}: {e}. {hint}. If you meant a local folder, pass a path that exists "
-            f"(e.g. ./{name})."
-        ) from e
 
 
 def _find_column(
@@ -168,6 +297,9 @@ def _standardize(
         raise
     if features is not None:
         image_feature, label_feature = features[image], features[label]
+        if isinstance(image_feature, datasets.Value) and image_feature.dtype in ("string", "large_string"):
+            ds = ds.cast_column(image, datasets.Image())  # a csv/json column of image file paths
+            image_feature = ds.features[image]
         if not isinstance(image_feature, datasets.Image):
             raise ValueError(
                 f"column {image!r} of {source!r} holds {image_feature}, not images; pass image_column=..."
@@ -201,17 +333,26 @@ def load_image_dataset(
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Load one split of an image-classification dataset, with columns renamed to image/label.
 
-    ``name_or_path`` is one of:
+    ``name_or_path`` is what ``datasets.load_dataset`` takes, plus saved datasets:
 
     * ``"embedded"``: ``make_embedded_dataset(split, **embedded_kwargs)`` (splits ``train`` and
       ``test``; ``validation``/``val`` are aliases of ``test``).
-    * an existing local folder: an image folder (``class_name/xxx.jpg``, optionally under
-      ``train/``, ``validation/``, ``test/``; folder names become labels, via
-      ``datasets.load_dataset("imagefolder", data_dir=...)``), or a folder written by
-      ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``.
+    * a local folder: an image folder (``class_name/xxx.jpg``, optionally under ``train/``,
+      ``validation/``, ``test/``; folder names become labels; walked once, all its splits loaded
+      together and kept for the next call on the same files), or, through
+      ``datasets.load_dataset(folder)``, data files in the Hub layout (``data/train-*.parquet``,
+      ``data/validation-*.parquet``; parquet, arrow, csv or json, splits from the file names or a
+      README's ``configs``); or a folder written by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``.
+    * a data file (``.parquet``, ``.arrow``, ``.csv``, ``.json``, ``.jsonl``) or a glob of them:
+      the ``train`` split (another split is an error that suggests holding out a validation part,
+      ``split_validation``).
     * otherwise a Hugging Face Hub dataset id (``"imagenet-1k"``, ``"uoft-cs/cifar100"``), loaded
-      with ``datasets.load_dataset`` (``streaming=True`` for sets that do not fit on disk).
+      with ``datasets.load_dataset`` (``streaming=True`` for sets that do not fit on disk). When the
+      Hub cannot be reached (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, or no connection to
+      ``HF_ENDPOINT`` within seconds) the local datasets cache is used, and a set not in it raises
+      ``timm_kd.offline.HubUnreachableError`` at once, naming the dataset and the local alternatives.
 
+    Local sources load without ``datasets``' progress bars (nothing is downloaded).
     A path-like string (starting with ``/``, ``.``, ``~``, or with more than one ``/``) that does
     not exist raises ``FileNotFoundError`` instead of being sent to the Hub. An unknown split lists
     the available ones (``val``/``validation`` aliases are resolved); an empty split raises. The
@@ -236,11 +377,9 @@ def load_image_dataset(
     path = os.path.expanduser(name_or_path)
     if os.path.isdir(path):
         ds = _load_local(path, split, streaming, cache_dir, load_kwargs)
-    elif os.path.exists(path):
-        raise ValueError(
-            f"dataset path {name_or_path!r} is a file; pass the folder that holds one sub-folder per class"
-        )
-    elif _looks_like_path(name_or_path):
+    elif os.path.isfile(path) or (any(c in path for c in "*?[") and glob.glob(path)):
+        ds = _load_data_file(path, split, streaming, cache_dir, load_kwargs)
+    elif _looks_like_path(name_or_path) or _data_file_builder(path):
         raise FileNotFoundError(
             f"dataset path {name_or_path!r} does not exist (resolved to {os.path.abspath(path)!r}); "
             f"check the path, or pass a Hub dataset id such as 'imagenet-1k' or 'uoft-cs/cifar100'"
@@ -258,6 +397,39 @@ def load_image_dataset(
             f"(--train-split / --val-split in the recipes)"
         )
     return ds
+
+
+def split_validation(
+    dataset: datasets.Dataset, fraction: float, *, seed: int = 0
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``(train, validation)``: ``fraction`` of each class held out, chosen by ``seed``.
+
+    For data without a validation split (a flat class folder, one data file). Each class keeps
+    ``round(fraction * n)`` of its ``n`` images in the validation part (at least one of a class with
+    two or more, and never all of them), drawn by a permutation from ``seed``; both parts keep the
+    dataset's order. The same data and seed give the same split on every rank and every launch.
+    """
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(
+            "a validation part can only be held out of a map-style dataset; with --streaming pass a "
+            "dataset that has a validation split (--val-split)"
+        )
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in (0, 1), e.g. 0.1; got {fraction!r}")
+    labels = dataset.with_format("arrow")["label"].to_numpy()
+    order = np.random.default_rng(seed).permutation(len(labels))
+    grouped = order[np.argsort(labels[order], kind="stable")]  # by class, random within a class
+    _, starts, counts = np.unique(labels[grouped], return_index=True, return_counts=True)
+    take = np.where(counts >= 2, np.clip(np.rint(fraction * counts), 1, counts - 1), 0).astype(np.int64)
+    held = np.concatenate([grouped[a : a + k] for a, k in zip(starts, take)]) if len(take) else grouped[:0]
+    if len(held) == 0:
+        raise ValueError(
+            f"holding out {fraction} of {len(labels)} images leaves no validation image (every class needs "
+            f"two or more); use a larger --val-fraction or a dataset with a validation split"
+        )
+    keep = np.ones(len(labels), dtype=bool)
+    keep[held] = False
+    return dataset.select(np.flatnonzero(keep)), dataset.select(np.sort(held))
 
 
 def get_label_names(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str] | None:

@@ -27,41 +27,114 @@ arguments. What ``fit`` does, in order:
    --mixed_precision`` or ``mixed_precision=``), optional ``torch.compile``.
 5. Evaluates top-1/top-5 after each epoch with the shipped ``evaluate`` metric on predictions
    gathered with ``accelerator.gather_for_metrics``; reports the last and the best epoch.
-6. Checkpoints with ``accelerator.save_state`` every N optimizer steps and after each epoch,
-   atomically (written to ``checkpoints/.tmp-step_N``, renamed by the main process once every rank
-   has written its part), keeping the last K. ``resume="latest"`` (or a path) continues with the
-   same data order, RNG, optimizer, scheduler and counters: a resumed run ends with exactly the
-   same weights as an uninterrupted one.
+6. Checkpoints every N optimizer steps and after each epoch (``engine.checkpoint``: safetensors
+   weights, the optimizer state read back weights-only, JSON for the rest, a manifest of sizes
+   and SHA-256 written last; nothing in a checkpoint runs code when loaded), atomically (written
+   to ``checkpoints/.tmp-step_N``, renamed once every rank has written its part), keeping the last
+   K, and only with finite weights. ``resume="latest"`` (the newest intact checkpoint) or a path
+   continues with the same data order, RNG, optimizer and counters: a resumed run ends with
+   exactly the same weights as an uninterrupted one. Flags changed on resume are compared first:
+   another student, optimizer or global batch is refused; the learning rate, schedule, epochs
+   and the rest apply from that step, announced and recorded.
 7. Saves the student in timm's format (``timm_kd.hub.save_pretrained``) into
    ``<output_dir>/student/`` and writes ``<output_dir>/run_summary.json``.
 
-Modules: ``config`` (``TrainConfig``, every option once with its flag, help and choices; results;
-``check_config``), ``args`` (the argparse parser generated from it), ``setup`` (accelerator, data,
+Modules: ``config`` (``TrainConfig``, every option once with its flag, help and choices;
+results), ``args`` (the argparse parser generated from it), ``setup`` (accelerator, data,
 models, the wrapper, optimizer, scheduler), ``loop`` (train, evaluate, ``fit``), ``evaluate``
-(top-k accuracy, the teacher's chance test), ``checkpoint`` (atomic save, exact resume),
-``summary`` (the run folder, ``publish``), ``cache_teacher`` (building a teacher cache, a sibling
-of ``fit``).
-"""
+(top-k accuracy, the teacher's chance test), ``checkpoint`` (atomic, verified save; exact
+resume), ``resume`` (flags changed on resume), ``summary`` (the run folder, ``publish``),
+``cache_teacher`` (building a teacher cache, a sibling of ``fit``), ``checks``
+(``check_config``), ``recipes`` (the recipes' defaults, ``teacher_stage``), ``diagnose`` (a
+teacher's logits on the training data and the ATS diagnostics: ``timm-kd diagnose``).
 
-from .args import HelpFormatter, add_train_args, config_from_args
-from .cache_teacher import build_teacher_cache
-from .checkpoint import STATE_FILE, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .config import (
-    CHECKPOINT_DIR,
-    CIFAR100_DEFAULTS,
-    IMAGENET_DEFAULTS,
-    BrokenTeacherError,
-    EvalResult,
-    FitResult,
-    TrainConfig,
-    TrainingDivergedError,
-    check_config,
-    check_model_name,
-)
-from .evaluate import evaluate_model, teacher_is_at_chance
-from .loop import TARGET_FLIP_WARNING, fit
-from .setup import build_accelerator
-from .summary import PREDICTIONS_FILE, STUDENT_DIR, SUMMARY_FILE, publish
+The names below are imported on first use (PEP 562): ``config`` and ``args`` import no torch, so
+a parser and its ``--help`` are built without it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_attributes
+
+if TYPE_CHECKING:  # the static view of the lazy names below (and the import graph's edges)
+    from .args import HelpFormatter, add_train_args, config_from_args
+    from .cache_args import add_cache_args, cache_build_kwargs
+    from .cache_teacher import build_cache_from_args, build_teacher_cache
+    from .checkpoint import (
+        STATE_FILE,
+        CheckpointError,
+        CheckpointWriteError,
+        list_checkpoints,
+        load_checkpoint,
+        resolve_resume,
+        save_checkpoint,
+        verify_checkpoint,
+    )
+    from .checks import check_config, check_model_name
+    from .config import (
+        CHECKPOINT_DIR,
+        CIFAR100_DEFAULTS,
+        IMAGENET_DEFAULTS,
+        BrokenTeacherError,
+        EvalResult,
+        FitResult,
+        TrainConfig,
+        TrainingDivergedError,
+    )
+    from .diagnose import collect_teacher_logits, diagnose_teacher
+    from .evaluate import evaluate_model, teacher_is_at_chance
+    from .loop import TARGET_FLIP_WARNING, fit
+    from .recipes import RECIPES, recipe_defaults, teacher_stage
+    from .setup import build_accelerator
+    from .summary import PREDICTIONS_FILE, STUDENT_DIR, SUMMARY_FILE, publish
+
+#: public name -> the engine module that defines it
+_LAZY = {
+    "HelpFormatter": "args",
+    "add_train_args": "args",
+    "config_from_args": "args",
+    "add_cache_args": "cache_args",
+    "cache_build_kwargs": "cache_args",
+    "build_teacher_cache": "cache_teacher",
+    "build_cache_from_args": "cache_teacher",
+    "STATE_FILE": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "CheckpointWriteError": "checkpoint",
+    "verify_checkpoint": "checkpoint",
+    "list_checkpoints": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "resolve_resume": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "check_config": "checks",
+    "check_model_name": "checks",
+    "CHECKPOINT_DIR": "config",
+    "CIFAR100_DEFAULTS": "config",
+    "IMAGENET_DEFAULTS": "config",
+    "BrokenTeacherError": "config",
+    "EvalResult": "config",
+    "FitResult": "config",
+    "TrainConfig": "config",
+    "TrainingDivergedError": "config",
+    "collect_teacher_logits": "diagnose",
+    "diagnose_teacher": "diagnose",
+    "evaluate_model": "evaluate",
+    "teacher_is_at_chance": "evaluate",
+    "TARGET_FLIP_WARNING": "loop",
+    "fit": "loop",
+    "RECIPES": "recipes",
+    "recipe_defaults": "recipes",
+    "teacher_stage": "recipes",
+    "build_accelerator": "setup",
+    "PREDICTIONS_FILE": "summary",
+    "STUDENT_DIR": "summary",
+    "SUMMARY_FILE": "summary",
+    "publish": "summary",
+}
+
+
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)
+
 
 __all__ = [
     "TrainConfig",
@@ -72,6 +145,11 @@ __all__ = [
     "TrainingDivergedError",
     "BrokenTeacherError",
     "fit",
+    "RECIPES",
+    "recipe_defaults",
+    "teacher_stage",
+    "collect_teacher_logits",
+    "diagnose_teacher",
     "evaluate_model",
     "add_train_args",
     "config_from_args",
@@ -82,9 +160,15 @@ __all__ = [
     "load_checkpoint",
     "list_checkpoints",
     "resolve_resume",
+    "verify_checkpoint",
+    "CheckpointError",
+    "CheckpointWriteError",
     "teacher_is_at_chance",
     "publish",
     "build_teacher_cache",
+    "build_cache_from_args",
+    "add_cache_args",
+    "cache_build_kwargs",
     "HelpFormatter",
     "TARGET_FLIP_WARNING",
     "CHECKPOINT_DIR",

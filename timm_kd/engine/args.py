@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from typing import Any
 
 from .config import TrainConfig, option_flag
 
-__all__ = ["HelpFormatter", "add_train_args", "config_from_args"]
+__all__ = ["HelpFormatter", "add_train_args", "config_from_args", "RecipeCropPct", "SMALL_INPUT_SIZE"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -31,9 +32,40 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "%(default)" not in text and default not in (None, True, False, [], argparse.SUPPRESS):
+        shown = "%(default)" in text or "(default:" in text
+        if not shown and default not in (None, True, False, [], argparse.SUPPRESS):
             text += " (default: %(default)s)"
         return text
+
+
+#: below this --input-size a recipe's eval crop fraction becomes 1.0 (see ``RecipeCropPct``)
+SMALL_INPUT_SIZE = 64
+_NONE_DEFAULT = re.compile(r" ?\(default: [^()]*\)")
+
+
+class RecipeCropPct(float):
+    """A recipe's ``--crop-pct`` default, told apart from a value the user typed (a plain float).
+
+    An eval center crop of ``crop_pct`` resizes the short side to ``input_size / crop_pct`` and cuts
+    the border away: at ImageNet's 224 px (0.875) the border is background, but an image of 32 or 48
+    px has no border to spare (CIFAR practice evaluates the whole image). So a recipe's default
+    applies at ``--input-size`` of ``SMALL_INPUT_SIZE`` and above, and 1.0 below; a ``--crop-pct``
+    given on the command line always applies.
+    """
+
+    def __repr__(self) -> str:
+        return repr(float(self))
+
+
+def _resolve_crop_pct(values: dict[str, Any]) -> float | None:
+    crop, size = values.get("crop_pct"), values.get("input_size")
+    if isinstance(crop, RecipeCropPct):
+        return 1.0 if size is not None and size < SMALL_INPUT_SIZE else float(crop)
+    return crop
+
+
+#: where ``add_train_args`` records the method its ``loss_kwargs`` defaults belong to
+_LOSS_DEFAULTS_METHOD = "_loss_defaults_method"
 
 
 def _defaults_key(dest: str) -> str:
@@ -52,7 +84,15 @@ def _scalar_type(annotation: Any) -> Any:
 def _add_option(group, f: dataclasses.Field, annotation: Any, value: Any) -> dict[str, Any]:
     """Add the flag of field ``f`` with default ``value``; returns the parser defaults it needs."""
     meta, flag = f.metadata, option_flag(f)
-    kw: dict[str, Any] = {"default": value, "help": meta["help"].replace("{default}", str(value))}
+    text = meta["help"].replace("{default}", str(value))
+    if value is not None and "dest" not in meta:
+        # "(default: the student's)" says what None means; a recipe's value replaces it
+        text = _NONE_DEFAULT.sub("", text)
+    small_crop = isinstance(value, float) and value != 1.0 and not isinstance(value, RecipeCropPct)
+    if f.name == "crop_pct" and small_crop:
+        value = RecipeCropPct(value)
+        text += f" (default: {float(value)}; 1.0 below {SMALL_INPUT_SIZE} px unless given)"
+    kw: dict[str, Any] = {"default": value, "help": text}
     for key in ("choices", "metavar"):
         if key in meta:
             kw[key] = meta[key]
@@ -74,10 +114,14 @@ def _add_option(group, f: dataclasses.Field, annotation: Any, value: Any) -> dic
     return extra
 
 
-def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:
+def add_train_args(
+    parser: argparse.ArgumentParser, *, only_groups: tuple[str, ...] | None = None, **defaults: Any
+) -> argparse.ArgumentParser:
     """Add a flag for every ``TrainConfig`` field to ``parser``, in its help group, with ``defaults``
     (TrainConfig field names) overriding the dataclass defaults, plus the publishing flags.
-    Returns ``parser``; ``config_from_args`` turns the parsed namespace into a ``TrainConfig``."""
+    ``only_groups`` (help group titles) keeps only those groups' flags and no publishing flags (a command
+    that does not train: the other fields keep their defaults). Returns ``parser``;
+    ``config_from_args`` turns the parsed namespace into a ``TrainConfig``."""
     fields = dataclasses.fields(TrainConfig)
     unknown = set(defaults) - {f.name for f in fields}
     if unknown:
@@ -85,13 +129,17 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
     d = TrainConfig(**defaults)
     hints = typing.get_type_hints(TrainConfig)
     groups: dict[str, Any] = {}
-    parser_defaults: dict[str, Any] = {}
+    parser_defaults: dict[str, Any] = {_LOSS_DEFAULTS_METHOD: d.method}  # the loss the defaults are for
     for f in fields:
         title = f.metadata["group"]
+        if only_groups is not None and title not in only_groups:
+            continue
         if title not in groups:
             groups[title] = parser.add_argument_group(title)
         parser_defaults.update(_add_option(groups[title], f, hints[f.name], getattr(d, f.name)))
-
+    if only_groups is not None:
+        parser.set_defaults(**parser_defaults)
+        return parser
     g = parser.add_argument_group("publishing")
     g.add_argument(
         "--push-to-hub",
@@ -112,7 +160,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         dest = f.metadata.get("dest")
         if dest is not None:
-            kw[f.name] = {**values.get(_defaults_key(dest), {}), **dict(values.get(dest, []))}
+            defaults = values.get(_defaults_key(dest), {})
+            owner = values.get(_LOSS_DEFAULTS_METHOD, values.get("method"))
+            if dest == "loss_args" and values.get("method") != owner:
+                defaults = {}  # a recipe's loss arguments belong to its own loss, not to another --method
+            kw[f.name] = {**defaults, **dict(values.get(dest, []))}
         elif f.name in values:
             kw[f.name] = values[f.name]
+    if "crop_pct" in kw:
+        kw["crop_pct"] = _resolve_crop_pct(values)
     return TrainConfig(**kw)

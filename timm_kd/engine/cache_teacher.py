@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from accelerate.utils import set_seed
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, set_seed
 from timm.models import get_pretrained_cfg, parse_model_name
 
 from .. import data as D
 from ..cache import (
     FORMAT_VERSION,
+    MANIFEST_FILE,
     TAIL_PRIOR_FILE,
     TAIL_PRIOR_MAX_CLASSES,
     ReplayedViews,
@@ -37,16 +39,44 @@ from ..cache import (
     index_dtype,
     pending_shards,
     read_manifest,
+    remove_cache,
+    reopen_build,
     start_build,
+    state_dict_sha256,
+    teacher_files_sha256,
+    verify_cache,
 )
 from ..models import read_class_map, resolve_model
 from ..teacher import Teacher, create_teacher_model
 from ..version import __version__
 from .args import config_from_args
-from .config import TrainConfig, check_config
-from .setup import _data_config_overrides, _load_data, _train_aug_kwargs, build_accelerator
+from .cache_args import cache_build_kwargs
+from .checks import check_config
+from .config import TrainConfig
+from .setup import (
+    _data_config_overrides,
+    _load_data,
+    _train_aug_kwargs,
+    build_accelerator,
+    teacher_data_config,
+)
 
-__all__ = ["build_teacher_cache"]
+__all__ = ["build_teacher_cache", "build_cache_from_args"]
+
+
+def build_cache_from_args(config: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """Build the cache of parsed ``add_cache_args`` flags (``--cache-dir`` or ``--build-teacher-cache``)
+    for the run ``config`` describes, and print (main process) what it holds and how to train from it."""
+    cache_dir = getattr(args, "cache_dir", None) or args.build_teacher_cache
+    manifest = build_teacher_cache(config, cache_dir, **cache_build_kwargs(args))
+    if manifest.get("complete") and PartialState().is_main_process:
+        print(
+            f"teacher cache {cache_dir}: {manifest['num_rows']} views ({manifest['num_images']} images x "
+            f"{manifest['num_views']}), top-{manifest['top_k']} logits, {manifest['bytes_per_view']:.1f} "
+            f"bytes per view, teacher top-1 on the views {manifest['teacher_view_top1']:.2f}%"
+        )
+        print(f"train from it with: --teacher-cache {cache_dir} and the same data/transform flags")
+    return manifest
 
 
 def build_teacher_cache(
@@ -58,6 +88,7 @@ def build_teacher_cache(
     shard_size: int = 10_000,
     teacher: nn.Module | None = None,
     accelerator=None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the teacher once over ``num_views`` augmented views of every training image; store them.
 
@@ -69,8 +100,11 @@ def build_teacher_cache(
     ``teacher`` replaces ``config.teacher``'s network (its name still goes to the manifest).
 
     The layout is ``timm_kd.cache.store``'s. Process ``r`` of ``W`` (``accelerate launch``) builds
-    the shards ``s % W == r``; rerunning the same command skips finished shards (resume); a
-    ``cache_dir`` built with other settings is refused. Returns the manifest.
+    the shards ``s % W == r``. Before the teacher runs, an existing cache in ``cache_dir`` is
+    checked: one built with other settings (teacher weights included) is refused, or deleted with
+    ``overwrite``; every written shard is verified against its record (size, SHA-256), and the
+    damaged ones are named and rebuilt; finished intact shards are skipped (resume); a complete,
+    intact cache is left as it is. Returns the manifest.
     """
     if isinstance(config, argparse.Namespace):
         config = config_from_args(config)
@@ -85,18 +119,16 @@ def build_teacher_cache(
         data_config, is_training=True, dataset_name=config.dataset, **_train_aug_kwargs(config)
     )
     replay = ReplayTransform(transform)
-    manifest = _manifest(config, data, data_config, replay, num_views, top_k, shard_size)
-    root = Path(cache_dir)
-    saved = check_resume(root, manifest)  # every rank checks, so all raise together
-    if saved is not None:
-        _log(acc, f"teacher cache {root} is already complete ({saved['num_shards']} shards); nothing to do")
-        return saved
-    if acc.is_main_process:
-        start_build(root, manifest)
-    acc.wait_for_everyone()
-
     with acc.main_process_first():  # teacher weights fetched once, then read from the Hub cache
         frozen = _build_teacher(config, teacher, data_config, num_classes, verbose=acc.is_main_process)
+    manifest = _manifest(config, data, data_config, replay, num_views, top_k, shard_size)
+    manifest.update(_weights_fingerprint(config, teacher, frozen))
+    root = Path(cache_dir)
+    if _prepare_folder(acc, root, manifest, overwrite):  # before the teacher runs
+        saved = read_manifest(root)
+        _log(acc, f"teacher cache {root}: complete and intact ({saved['num_shards']} shards), nothing to do")
+        return saved
+
     frozen.to(acc.device).eval()
     base = D.TransformedImageDataset(data.train, None, seed=config.seed, on_corrupt="error")
     _write_shards(config, acc, root, manifest, frozen, base, replay)
@@ -105,6 +137,55 @@ def build_teacher_cache(
         finalize_build(root, manifest)
     acc.wait_for_everyone()
     return read_manifest(root)
+
+
+def _weights_fingerprint(config: TrainConfig, teacher: nn.Module | None, frozen: Teacher) -> dict[str, Any]:
+    """The manifest's fingerprint of the teacher's weights: the SHA-256 of their files (a checkpoint,
+    a ``local-dir:`` folder), which a training run recomputes; else of the built network's state
+    dict, which only a rebuild recomputes."""
+    files = None if teacher is not None else teacher_files_sha256(config.teacher, config.teacher_checkpoint)
+    if files is not None:
+        return {"teacher_weights_sha256": files, "teacher_weights_source": "files"}
+    network = getattr(frozen, "model", frozen)
+    return {"teacher_weights_sha256": state_dict_sha256(network), "teacher_weights_source": "state_dict"}
+
+
+def _prepare_folder(acc, root: Path, manifest: dict[str, Any], overwrite: bool) -> bool:
+    """Make ``root`` ready for the build; True when it already holds this cache, complete and intact.
+
+    Every process compares the settings (so all raise together on another cache); the main process
+    verifies the written files, names and deletes the damaged ones, writes the manifest, and tells
+    the others whether anything is left to build."""
+    if overwrite and (root / MANIFEST_FILE).is_file():
+        if acc.is_main_process:
+            remove_cache(root)
+            _log(acc, f"--overwrite: deleted the teacher cache in {root}")
+        acc.wait_for_everyone()
+    check_resume(root, manifest)  # another cache in root: every rank raises
+    done = [False]
+    if acc.is_main_process:
+        done[0] = _verify_or_start(root, manifest)
+    if acc.num_processes > 1:
+        broadcast_object_list(done, from_process=0)
+    return bool(done[0])
+
+
+def _verify_or_start(root: Path, manifest: dict[str, Any]) -> bool:
+    """Main process: True for a complete, intact cache; else start (or reopen) the build, after
+    deleting the damaged shards named in a message."""
+    if not (root / MANIFEST_FILE).is_file():
+        start_build(root, manifest)
+        return False
+    saved = read_manifest(root)
+    damaged = verify_cache(root, saved)
+    if saved.get("complete") and not damaged:
+        return True
+    if damaged:
+        shards = sorted(s for s in damaged if s is not None)
+        what = f"rebuilding {len(shards)} shard(s)" if shards else "re-merging the tail prior"
+        print(f"teacher cache {root} is damaged, {what}: {'; '.join(damaged.values())}", flush=True)
+    reopen_build(root, manifest, sorted(s for s in damaged if s is not None))
+    return False
 
 
 def _checked_config(
@@ -214,6 +295,7 @@ def _build_teacher(
         num_classes=num_classes,
         in_chans=in_chans,
         class_map=class_map,
+        data_config=teacher_data_config(config),  # the flags; else the weights' known config
         name=config.teacher if teacher is None else None,
         verbose=verbose,
     )

@@ -3,7 +3,8 @@
 Each ``TrainConfig`` field carries, as dataclass field metadata, what the command line shows of it:
 its help group, help text, flag (default ``--field-name``), choices, and how a flag's text becomes
 the value (``parse``). ``timm_kd.engine.args`` generates the argparse parser from this metadata and
-``check_config`` reads the choices from it, so a new option is one field here.
+``engine.checks.check_config`` reads the choices from it, so a new option is one field here.
+This module imports no torch or timm, so the parser (and ``--help``) is built without them.
 
 Metadata keys (all optional except ``group`` and ``help``):
 
@@ -22,23 +23,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import timm
-import torch
-import torch.nn as nn
-
-from ..losses import create_loss, get_loss_entrypoint
+if TYPE_CHECKING:  # annotations only: the options and the parser built from them do not import torch
+    import torch
+    import torch.nn as nn
 
 CHECKPOINT_DIR = "checkpoints"
-_LOCAL_MODEL_PREFIXES = ("local-dir:",)
-_HUB_MODEL_PREFIXES = ("hf-hub:", "hf_hub:", "timm/")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -112,7 +106,7 @@ _runtime = _options("runtime, checkpoints and logging")
 class TrainConfig:
     """Everything one training run needs, each field with its flag (``--weight-decay`` ->
     ``weight_decay``), help text and choices as field metadata; ``add_train_args`` builds the
-    command line from it and ``check_config`` validates it."""
+    command line from it and ``engine.checks.check_config`` validates it."""
 
     # fmt: off
     student: str = _models("resnet18", "timm model name of the student (or hf-hub:/local-dir:)")
@@ -123,7 +117,22 @@ class TrainConfig:
     pretrained_teacher: bool = _models(
         True, "build the teacher with random weights (smoke tests only; the teacher check then only warns)",
         flag="--no-pretrained-teacher")
-    teacher_checkpoint: str | None = _models(None, "teacher weights (.safetensors)")
+    teacher_checkpoint: str | None = _models(
+        None, "teacher weights file (.safetensors); a timm config.json beside it gives its input size and "
+        "normalization")
+    teacher_input_size: int | None = _models(
+        None, "image side the teacher was trained on (default: its weights' config where known: a "
+        "pretrained tag, hf-hub:, local-dir:, a config.json beside --teacher-checkpoint; else the "
+        "batch's size: no resize)")
+    teacher_mean: tuple[float, ...] | None = _models(
+        None, "normalization mean the teacher was trained with (default: its weights' config where "
+        "known, else the student's: no re-normalization)", parse=_parse_floats)
+    teacher_std: tuple[float, ...] | None = _models(
+        None, "normalization std the teacher was trained with (default as --teacher-mean)",
+        parse=_parse_floats)
+    teacher_interpolation: str | None = _models(
+        None, "how batches are resized for the teacher when its size differs (default: its weights' "
+        "config, else bicubic)", choices=("bicubic", "bilinear", "nearest"))
     teacher_cache: str | None = _models(
         None,
         "distill from the stored top-k logits of a `timm-kd cache-teacher` folder instead of running "
@@ -137,7 +146,10 @@ class TrainConfig:
     student_checkpoint: str | None = _models(None, "student weights (.safetensors)")
     num_classes: int | None = _models(None, "student classes (default: the dataset's number of classes)")
     class_map: str | None = _models(
-        None, "file mapping teacher classes to dataset classes, for a teacher trained on other classes")
+        None,
+        "for a teacher trained on other classes: a text file whose line i holds the teacher's class index "
+        "for dataset class i (anything after the index, e.g. a class name, is ignored), or a JSON list "
+        "[t0, t1, ...]; the teacher's logits are taken in that order")
 
     method: str = _method(
         "ats",
@@ -153,18 +165,26 @@ class TrainConfig:
         "or a Hugging Face Hub dataset id (imagenet-1k, uoft-cs/cifar100)")
     train_split: str = _data("train", "training split name")
     val_split: str = _data("validation", "evaluation split name")
+    val_fraction: float = _data(
+        0.0,
+        "hold out this fraction of each class of the training split as the evaluation split, drawn "
+        "with --seed (for data without one, e.g. a flat class folder; --val-split is then unused)")
     streaming: bool = _data(
         False,
         "stream the dataset instead of downloading it (needs --steps-per-epoch if the size is unknown)")
     image_column: str | None = _data(None, "image column (default: detected)")
     label_column: str | None = _data(None, "label column (default: detected)")
     verify_images: str = _data(
-        "auto", "decode every image before training to find corrupt files ('auto': for local folders only)",
+        "auto", "decode every image before training to find corrupt files, once per version of the data "
+        "(a record in the datasets cache skips it at the next start; 'auto': local data only)",
         choices=("auto", "yes", "no"))
     on_corrupt: str = _data(
         "error", "a corrupt image stops the run before training ('error') or is skipped and counted ('skip')",
         choices=("error", "skip"))
-    num_workers: int = _data(4, "data loader worker processes per rank")
+    num_workers: int = _data(4, "data loader worker processes per rank (training; evaluation too unless "
+                               "--eval-workers)")
+    eval_workers: int | None = _data(
+        None, "data loader worker processes per rank for evaluation (default: --num-workers)")
     pin_memory: bool | None = _data(
         None, "page-locked batches, copied to the GPU asynchronously (default: on with CUDA)",
         action="optional")
@@ -235,6 +255,9 @@ class TrainConfig:
         False, "torch.compile the distillation loss (create_loss(..., compile=True): one graph whatever "
         "the epoch)")
     channels_last: bool = _runtime(False, "channels-last memory format (student, teacher and batches)")
+    sync_bn: bool = _runtime(
+        False, "BatchNorm statistics over the global batch of all processes (SyncBatchNorm, as timm's "
+        "train.py); without it each process normalizes its own batch. No effect with one process")
     output_dir: str = _runtime("runs/train", "run folder (checkpoints, student/, run_summary.json)")
     checkpoint_every: int | None = _runtime(
         None, "also checkpoint every N optimizer steps (a checkpoint is always written after each epoch)",
@@ -353,118 +376,10 @@ class FitResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# Checks before anything is loaded
+# Flags
 # --------------------------------------------------------------------------------------------------
 
 
 def option_flag(f: dataclasses.Field) -> str:
     """The command-line flag of a ``TrainConfig`` field."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def _check_choices(config: TrainConfig) -> None:
-    """Every field with ``choices`` metadata holds one of them (or None where its default is None)."""
-    for f in dataclasses.fields(TrainConfig):
-        allowed = f.metadata.get("choices")
-        value = getattr(config, f.name)
-        if allowed is None or value in allowed or (value is None and f.default is None):
-            continue
-        names = [repr(a) + (" (default)" if a == f.default else "") for a in allowed]
-        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-        raise ValueError(f"{option_flag(f)} must be {listed}, got {value!r}.")
-
-
-def _check_positive(config: TrainConfig) -> None:
-    names = ["epochs", "batch_size", "grad_accum_steps", "log_every", "keep_checkpoints"]
-    optional = ["checkpoint_every", "max_train_steps", "max_eval_steps", "steps_per_epoch", "eval_batch_size"]
-    for name in names + [n for n in optional if getattr(config, n) is not None]:
-        v = getattr(config, name)
-        if int(v) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if config.lr is not None and not (config.lr > 0 and math.isfinite(config.lr)):
-        raise ValueError(f"--lr must be a finite number > 0, got {config.lr}")
-    if config.num_workers < 0:
-        raise ValueError(
-            f"--num-workers must be >= 0 (0: load in the training process), got {config.num_workers}"
-        )
-    if config.prefetch_factor is not None and config.prefetch_factor < 1:
-        raise ValueError(f"--prefetch-factor must be >= 1, got {config.prefetch_factor}")
-
-
-def _check_teacher_cache(config: TrainConfig) -> None:
-    if not (config.teacher_cache and config.method != "ce"):
-        return
-    if not os.path.isdir(config.teacher_cache):
-        raise FileNotFoundError(
-            f"--teacher-cache {config.teacher_cache!r} does not exist; build it first with "
-            f"`timm-kd cache-teacher --cache-dir {config.teacher_cache} ...` (see docs/cache.md)."
-        )
-    if config.mixup > 0 or config.cutmix > 0:
-        raise ValueError(
-            "--teacher-cache stores the teacher's logits of single images; Mixup/CutMix mix images "
-            "after the teacher ran, so their teacher logits are unknown. Drop --mixup/--cutmix, or "
-            "distill online (no --teacher-cache)."
-        )
-    if config.streaming:
-        raise ValueError(
-            "--teacher-cache replays views by row index; it does not work with --streaming. Drop one."
-        )
-
-
-def check_config(config: TrainConfig) -> None:
-    """Validate names and values before any data is read; raise ``ValueError``/``FileNotFoundError``
-    naming the fix.
-
-    With a distillation method the loss is created once here with ``loss_kwargs``, so an unknown
-    loss name or a mistyped ``--loss-arg`` fails now (the error names the loss's parameters).
-    """
-    if config.method != "ce":
-        get_loss_entrypoint(config.method)  # unknown names raise with a suggestion
-        if config.teacher is None:
-            raise ValueError(
-                f"method {config.method!r} distills from a teacher but no teacher was given: pass "
-                f"--teacher MODEL (a timm name, hf-hub:org/name or local-dir:PATH), or --method ce to "
-                f"train the student alone."
-            )
-    check_model_name(config.student, "student")
-    if config.teacher is not None and config.method != "ce":
-        check_model_name(config.teacher, "teacher")
-    for name in ("teacher_checkpoint", "student_checkpoint"):
-        path = getattr(config, name)
-        if path is not None and not os.path.isfile(path):
-            raise FileNotFoundError(f"--{name.replace('_', '-')} {path!r} does not exist.")
-    _check_positive(config)
-    _check_choices(config)
-    _check_teacher_cache(config)
-    if config.resume not in (None, "", "latest") and not os.path.isdir(config.resume):
-        raise FileNotFoundError(
-            f"--resume {config.resume!r} is not a checkpoint folder. Pass a folder written by a previous "
-            f"run ({config.output_dir}/{CHECKPOINT_DIR}/step_N) or 'latest'."
-        )
-    if config.method != "ce":
-        create_loss(config.method, **config.loss_kwargs)  # bad --loss-arg: names the loss's parameters
-
-
-def check_model_name(name: str, role: str) -> None:
-    """Raise a ``ValueError`` with suggestions if ``name`` is not a timm model (or hub/local id)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{role} model name must be a non-empty string, got {name!r}")
-    if name.startswith(_LOCAL_MODEL_PREFIXES):
-        path = name.split(":", 1)[1]
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"{role} {name!r}: folder {path!r} does not exist. A local-dir: model is a folder "
-                f"with config.json and model.safetensors (what timm_kd.hub.save_pretrained writes)."
-            )
-        return
-    if name.startswith(_HUB_MODEL_PREFIXES):
-        return
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
-            f"unknown {role} model {name!r}.{hint} Use a timm architecture name "
-            f"(timm.list_models('*resnet*') lists them; a pretrained tag such as 'resnet50.tv_in1k' is "
-            f"allowed), 'hf-hub:org/name' for a model on the Hugging Face Hub, or 'local-dir:PATH' for a "
-            f"saved timm-format folder."
-        )

@@ -11,6 +11,15 @@ Steps. ``global_step`` counts optimizer updates (``grad_accum_steps`` batches ea
 ``checkpoint_every``, ``log_every`` and ``max_train_steps`` all count optimizer updates. The hot
 loop keeps every statistic on the device; values reach the host only every ``log_every`` steps
 (and for checkpoints).
+
+Logs. One unit for shares: percent (0-100), as ``timm.utils.accuracy`` reports accuracy. Top-1/top-5
+(student and teacher), the teacher-student top-1 ``agreement`` and the loss's rates
+(``PERCENT_TERMS``, fractions in the loss's own output) are percent on the console, in
+``run_summary.json`` and in the trackers; loss terms, the learning rate and the ``warmup`` factor
+(0-1) are plain numbers. The trackers (``--report-to``) get the step means every ``log_every``
+steps (``train/<term>``) and, after each evaluation, the epoch's (``_epoch_logs``). Progress bars
+are drawn only where they can redraw in place (a terminal or a notebook); with output going to a
+file or a pipe the run prints its plain log lines only.
 """
 
 from __future__ import annotations
@@ -19,10 +28,10 @@ import argparse
 import contextlib
 import dataclasses
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,18 +44,19 @@ from tqdm.auto import tqdm
 from ..cache import CachedTeacher
 from ..losses import cross_entropy
 from .args import config_from_args
-from .checkpoint import save_checkpoint, state_json
+from .checkpoint import WEIGHT_GROWTH_LIMIT, nonfinite_state, save_checkpoint, state_json, weights_absmax
+from .checks import check_config
 from .config import (
     BrokenTeacherError,
     EvalResult,
     FitResult,
     TrainConfig,
     TrainingDivergedError,
-    check_config,
 )
 from .evaluate import evaluate_model, format_metrics, metric_floats, teacher_is_at_chance
+from .processes import RunStoppedError, StopMonitor, check_processes, lock_output_dir
 from .setup import Run, build_accelerator, setup_run
-from .summary import finish
+from .summary import finish, teacher_record, write_run_config
 
 __all__ = ["fit", "TARGET_FLIP_WARNING"]
 
@@ -56,14 +66,18 @@ __all__ = ["fit", "TARGET_FLIP_WARNING"]
 #: teachers whose logits are small for 100 classes, and ats then trailed kd by 3 points.
 TARGET_FLIP_WARNING = 0.05
 
+#: loss terms that are rates (fractions of the batch, in the loss's own output) and are logged,
+#: like every accuracy and the teacher-student agreement, in percent
+PERCENT_TERMS = ("target_flip", "induced_flip")
+
 
 def _reseed(seed: int, rank: int, epoch: int, batch_idx: int) -> None:
     """Seed the global RNGs (Mixup/CutMix, drop-path, dropout) from ``(seed, rank, epoch, batch)``.
 
     Done before every batch, so the randomness of a batch does not depend on what ran before it
-    in this process. ``accelerator.load_state`` also restores the RNG states of a checkpoint, but
-    it skips them with only an info-level log line when it cannot read them; with this, a resumed
-    run that skips the first batches of an epoch draws the same numbers either way.
+    in this process. ``load_checkpoint`` also restores each rank's RNG states, but a run resumed
+    on another number of processes has none for the new ranks; with this, a resumed run that
+    skips the first batches of an epoch draws the same numbers either way.
     """
     s = int(np.random.SeedSequence([seed, rank, epoch, batch_idx]).generate_state(1)[0])
     random.seed(s)
@@ -109,9 +123,13 @@ def _live_teacher_report(run: Run) -> tuple[str, float, int, str, str]:
     run.state["teacher_metrics"] = metric_floats(res.metrics)
     name, top1, n = config.teacher, res.metrics["top1"], res.metrics["num_samples"]
     run.log(f"teacher {name}: {format_metrics(res.metrics)} on {n} {config.val_split} images")
+    sees = run.wrapper.teacher.describe_input(run.data_config["input_size"][-2:])
     fix = (
         "Check that the teacher predicts this dataset's classes (--class-map for another label set), "
-        "that its weights loaded (pretrained tag or --teacher-checkpoint) and its input normalization."
+        "that its weights loaded (pretrained tag or --teacher-checkpoint), and its input resolution "
+        f"and normalization: {sees}. Give what its weights were trained on with --teacher-input-size, "
+        "--teacher-mean, --teacher-std (--teacher-interpolation), or a timm config.json beside "
+        "--teacher-checkpoint."
     )
     return name, top1, n, f"on {config.dataset}[{config.val_split}] ({n} images)", fix
 
@@ -142,19 +160,98 @@ def _check_teacher(run: Run, teacher_given: bool) -> None:
     run.log("WARNING: " + msg)
 
 
+def _warn_long_warmup(run: Run) -> None:
+    """Warn before training when the loss's warm-up is longer than the run: the distillation terms
+    would never reach their full weight (DTKD/DKD's 20 warm-up epochs in a 2-epoch run end below
+    15 %). The loss gets the 1-based epoch ``1 + update / updates_per_epoch``."""
+    if run.wrapper is None:
+        return
+    loss = getattr(run.wrapper.loss_fn, "loss_fn", run.wrapper.loss_fn)  # through compile_loss
+    warmup = float(getattr(loss, "warmup_epochs", 0) or 0)
+    per_epoch = max(run.updates_per_epoch, 1)
+    epochs = run.total_updates / per_epoch  # max_train_steps included
+    last = 1 + (run.total_updates - 1) / per_epoch  # the 1-based epoch the loss gets at the last step
+    if warmup <= last:
+        return
+    msg = (
+        f"the {run.config.method} loss ramps its distillation terms up over warmup_epochs={warmup:g} "
+        f"epochs, longer than this run ({epochs:.3g} epochs): they end at {100 * last / warmup:.0f} % "
+        f"of their weight, so cross-entropy trains the student most of the time. Pass "
+        f"--loss-arg warmup_epochs=N with N at most {epochs:.3g} (the authors ramp over 20 of 240 "
+        f"epochs on CIFAR-100, 1 of 100 on ImageNet), or --loss-arg warmup_epochs=0 for none."
+    )
+    warnings.warn(msg)
+    run.log("WARNING: " + msg)
+
+
+def _interactive() -> bool:
+    """Whether progress bars can redraw in place: stdout and stderr are terminals, or a notebook."""
+    ttys = all(getattr(f, "isatty", lambda: False)() for f in (sys.stdout, sys.stderr))
+    return ttys or "ipykernel" in sys.modules
+
+
 def _check_finite(run: Run, where: str) -> None:
     """Raise ``TrainingDivergedError`` if any rank saw a NaN/inf loss (one host sync, all ranks)."""
     big = 2**62
     flag = torch.where(run.bad_step < 0, torch.full_like(run.bad_step, big), run.bad_step).reshape(1)
     step = int(run.accelerator.gather(flag).min()) if run.accelerator.num_processes > 1 else int(flag)
     if step < big:
-        good = run.last_good
         raise TrainingDivergedError(
             f"the loss became NaN/inf at optimizer step {step} (epoch {run.state['epoch'] + 1}; "
-            f"found {where}). "
-            f"Last good checkpoint: {good or 'none (none written yet)'}. Resume from it with "
-            f"--resume {good or 'latest'} and a lower --lr, --clip-grad 1.0, or bf16 instead of fp16."
+            f"found {where}). {_recovery_advice(run)}"
         )
+
+
+def _recovery_advice(run: Run) -> str:
+    """Where to go on from after a divergence: the last good checkpoint (finite weights that had
+    not grown ``WEIGHT_GROWTH_LIMIT``-fold), with the flags that avoid it."""
+    fix = "a lower --lr (applied on resume), --clip-grad 1.0, or bf16 instead of fp16"
+    good = run.last_good
+    if good:
+        return f"Last good checkpoint: {good}. Resume from it with --resume {good} and {fix}."
+    if run.diverging_saved:
+        return (
+            "Last good checkpoint: none (every checkpoint so far was written with the weights already "
+            f"diverging). Start over with {fix}."
+        )
+    return f"Last good checkpoint: none (none written yet). Start over with {fix}."
+
+
+def _save_checkpoint(run: Run) -> None:
+    """Write a checkpoint and make it the last good one, if its weights and optimizer state are
+    finite; otherwise raise ``TrainingDivergedError`` naming the previous good checkpoint (a
+    checkpoint of non-finite tensors is never written: resuming from it could not train)."""
+    acc, state = run.accelerator, run.state
+    bad = nonfinite_state(run.student, run.optimizer, run.model_ema)
+    if bad:
+        raise TrainingDivergedError(
+            f"the weights or optimizer state became NaN/inf by optimizer step {state['global_step']} "
+            f"(epoch {state['epoch'] + 1}; {', '.join(bad)}), with a finite loss so far; no checkpoint "
+            f"was written for this step. {_recovery_advice(run)}"
+        )
+    absmax = weights_absmax(run.student)
+    start = state.get("weights_absmax_start") or absmax
+    unhealthy = None
+    if absmax > WEIGHT_GROWTH_LIMIT * start:
+        unhealthy = (
+            f"its largest weight is {absmax:.3g}, {absmax / start:.3g} times the {start:.3g} at the "
+            f"start of the run (more than {WEIGHT_GROWTH_LIMIT:g} times): training is diverging"
+        )
+    path = save_checkpoint(
+        acc,
+        run.out_dir,
+        state_json(state),
+        run.config.keep_checkpoints,
+        model=run.student,
+        optimizer=run.optimizer,
+        model_ema=run.model_ema,
+        unhealthy=unhealthy,
+    )
+    if unhealthy is None:
+        run.last_good = str(path)
+    elif not run.diverging_saved:
+        run.diverging_saved = True
+        run.log(f"WARNING: checkpoint {path} is not counted as good: {unhealthy}. {_recovery_advice(run)}")
 
 
 def _warn_target_flip(run: Run, flip: float | None) -> None:
@@ -168,8 +265,8 @@ def _warn_target_flip(run: Run, flip: float | None) -> None:
         f"(tau_correct={kw.get('tau_correct', 'default')}, tau_wrong={kw.get('tau_wrong', 'default')}), "
         "so its KD term pulls against cross-entropy there. "
         "These temperatures are too far apart for this teacher's logit scale: pick them with "
-        "timm_kd.diagnostics.suggest_ats_temperatures(teacher_logits, labels) on training-set logits, "
-        "or raise tau_wrong towards tau_correct."
+        "`timm-kd diagnose --teacher ... --dataset ...` (timm_kd.diagnostics.suggest_ats_temperatures on "
+        "the teacher's training-set logits), or raise tau_wrong towards tau_correct."
     )
 
 
@@ -229,14 +326,12 @@ def _forward(run: Run, images, target, batch: dict[str, Any], epoch_f: float) ->
             ce = cross_entropy(logits.float(), target)
             return {"loss": ce, "ce": ce.detach(), "output": logits}
     except FloatingPointError as e:  # the loss's own finiteness check (NaN/inf logits)
-        good = run.last_good
         # an earlier NaN loss seen here; no collective, this may be the only rank raising
         earlier = int(run.bad_step)
         step = earlier if earlier >= 0 else run.state["global_step"] + 1
         raise TrainingDivergedError(
             f"the loss became NaN/inf at optimizer step {step} (epoch {run.state['epoch'] + 1}): "
-            f"{e} Last good checkpoint: {good or 'none (none written yet)'}; resume with "
-            f"--resume {good or 'latest'} and a lower --lr or --clip-grad 1.0."
+            f"{e} {_recovery_advice(run)}"
         ) from e
 
 
@@ -251,6 +346,9 @@ def _terms(run: Run, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for k, v in out.items()
         if k not in ("output", "teacher_output") and torch.is_tensor(v) and v.dim() == 0
     }
+    for k in PERCENT_TERMS:  # rates a loss returns as fractions are logged in percent
+        if k in terms:
+            terms[k] = terms[k] * 100
     if "teacher_output" in out:
         same = out["output"].argmax(-1) == out["teacher_output"].argmax(-1)
         terms["agreement"] = same.float().mean() * 100
@@ -293,7 +391,8 @@ def _log(run: Run, stats: _Stats, bar, gs: int) -> None:
     )
     if config.report_to:
         acc.log(logs, step=gs)
-    _warn_target_flip(run, logs.get("train/induced_flip"))
+    flip = logs.get("train/induced_flip")  # percent, as logged
+    _warn_target_flip(run, None if flip is None else flip / 100)
     stats.reset_log()
 
 
@@ -331,6 +430,7 @@ def _train_epoch(run: Run, bar) -> dict[str, float]:
             break  # a streamed loader ran out early
         gs = _optimizer_step(run)
         bar.update(1)
+        _stop_if_asked(run, gs)
         if gs % config.log_every == 0 or gs == run.total_updates:
             _log(run, stats, bar, gs)
         mid_epoch = state["step_in_epoch"] < run.updates_per_epoch
@@ -342,10 +442,25 @@ def _train_epoch(run: Run, bar) -> dict[str, float]:
         ):
             _check_finite(run, "before writing a checkpoint")
             state["epoch_partial"] = {"n": stats.epoch_n, "sums": _rank_mean(acc, stats.epoch_sums)}
-            run.last_good = str(save_checkpoint(acc, run.out_dir, state_json(state), config.keep_checkpoints))
+            _save_checkpoint(run)
     _check_finite(run, "at the end of the epoch")
     state["epoch_partial"] = None
     return {k: v / max(stats.epoch_n, 1) for k, v in _rank_mean(acc, stats.epoch_sums).items()}
+
+
+def _stop_if_asked(run: Run, gs: int) -> None:
+    """Raise ``RunStoppedError`` at this step boundary if the ranks agreed to stop (a signal, or
+    the launcher is gone); before this step is logged or checkpointed."""
+    why = run.stop.should_stop() if run.stop is not None else None
+    if why is None:
+        return
+    msg = (
+        f"stopped after optimizer step {gs} (epoch {run.state['epoch'] + 1}): {why}. The steps since "
+        f"the last checkpoint are not saved; last complete checkpoint: {run.last_good or 'none'}. "
+        "Continue with the same command plus --resume latest."
+    )
+    run.log(msg)
+    raise RunStoppedError(msg)
 
 
 def _rank_mean(acc, values: dict[str, Any]) -> dict[str, float]:
@@ -386,9 +501,23 @@ def _evaluate_epoch(run: Run, train_means: dict[str, float]) -> EvalResult:
         f"val {format_metrics(m)} | {best}"
     )
     if config.report_to:
-        logs = {f"val/{k}": v for k, v in m.items() if k.startswith("top")}
-        acc.log({**logs, "epoch": epoch + 1}, step=state["global_step"])
+        acc.log(_epoch_logs(run, m, train_means), step=state["global_step"])
     return res
+
+
+def _epoch_logs(run: Run, val: dict[str, float], train_means: dict[str, float]) -> dict[str, float]:
+    """The tracker scalars of one finished epoch, at its last optimizer step: ``val/top1``,
+    ``val/top5`` (percent), ``epoch/<term>`` (the epoch's mean of each training term, the same
+    numbers as the console's epoch line and ``run_summary.json``'s history), ``epoch/lr`` and
+    ``val/teacher_top1`` (the teacher check's, a reference line), and ``epoch`` (1-based)."""
+    logs = {f"val/{k}": float(v) for k, v in val.items() if k.startswith("top")}
+    logs.update({f"epoch/{k}": float(v) for k, v in train_means.items()})
+    logs["epoch/lr"] = float(run.optimizer.param_groups[0]["lr"])
+    teacher = run.state.get("teacher_metrics") or {}
+    if "top1" in teacher:
+        logs["val/teacher_top1"] = float(teacher["top1"])
+    logs["epoch"] = run.state["epoch"] + 1
+    return logs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,6 +536,9 @@ def _announce(run: Run) -> None:
         f"process(es) x batch {config.batch_size} x accumulation {config.grad_accum_steps}, "
         f"{run.updates_per_epoch} steps/epoch, {run.total_updates} steps, lr {run.lr:.4g}"
     )
+    describe = getattr(run.wrapper.teacher, "describe_input", None) if run.wrapper is not None else None
+    if describe is not None:  # a live teacher: what it sees of the student's batches, and the cost
+        run.log(describe(run.data_config["input_size"][-2:]))
 
 
 def fit(
@@ -433,6 +565,9 @@ def fit(
         ValueError / FileNotFoundError: bad configuration or data.
         BrokenTeacherError: the teacher is at chance level on the eval split.
         TrainingDivergedError: the loss became NaN/inf; names the step and the last good checkpoint.
+        OutputDirBusyError: another run holds ``config.output_dir`` (its lock, held until this returns).
+        RunStoppedError: SIGTERM/SIGINT, or the launcher died; raised at an optimizer-step boundary,
+            on every rank at the same step (``timm_kd.engine.processes``).
     """
     if isinstance(config, argparse.Namespace):
         config = config_from_args(config)
@@ -440,10 +575,28 @@ def fit(
     if config.method == "ce" and config.teacher is not None:
         config = dataclasses.replace(config, teacher=None)  # trained alone: the teacher is not used
     check_config(config)
+    check_processes(config)
+    if config.progress and not _interactive():  # bars would write \r noise into a log file
+        config = dataclasses.replace(config, progress=False)
     accelerator = accelerator or build_accelerator(config)
-    if accelerator.is_main_process:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    lock = lock_output_dir(accelerator, config.output_dir)  # creates the folder; one run per folder
+    try:
+        with StopMonitor(accelerator.num_processes) as stop:
+            return _fit(config, accelerator, stop, student, teacher, card_meta, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(config: TrainConfig, accelerator, stop, student, teacher, card_meta, t_start: float) -> FitResult:
+    """``fit`` in the folder it locked: set up, check the teacher, train and evaluate, finish."""
+    write_run_config(accelerator, config)  # before anything loads: a failed run still says how it was made
     run = setup_run(config, accelerator, student, teacher)
+    if run.state.get("weights_absmax_start") is None:  # what a checkpoint's divergence is measured by
+        run.state["weights_absmax_start"] = weights_absmax(run.student)
+    run.stop = stop
+    run.teacher_info = teacher_record(run)
+    write_run_config(accelerator, config, run)  # now with the resolved lr, steps, data config and teacher
     if config.report_to:
         flat = {
             k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()
@@ -451,6 +604,7 @@ def fit(
         accelerator.init_trackers(run.out_dir.name or "timm_kd", config=flat)
     _check_teacher(run, teacher_given=teacher is not None)
     _announce(run)
+    _warn_long_warmup(run)
 
     state = run.state
     bar = tqdm(
@@ -469,8 +623,6 @@ def fit(
         if finished:
             state["epoch"] += 1
             state["step_in_epoch"] = 0
-            run.last_good = str(
-                save_checkpoint(accelerator, run.out_dir, state_json(state), config.keep_checkpoints)
-            )
+            _save_checkpoint(run)
     bar.close()
     return finish(run, last_eval, t_start, card_meta or {})

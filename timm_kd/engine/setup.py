@@ -14,7 +14,7 @@ import inspect
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,12 @@ from ..losses import get_loss_entrypoint
 from ..metrics import load_topk_metric
 from ..models import model_num_classes, read_class_map, resolve_model
 from ..wrapper import DistillWrapper
-from .checkpoint import load_checkpoint, resolve_resume
-from .config import CHECKPOINT_DIR, TrainConfig
+from .checkpoint import choose_resume, load_checkpoint, read_state, state_json
+from .config import CHECKPOINT_DIR, TrainConfig, option_flag
+from .resume import compare_config
+from .sync_bn import convert_sync_batchnorm
 
-__all__ = ["build_accelerator", "setup_run", "Run"]
+__all__ = ["build_accelerator", "setup_run", "Run", "teacher_data_config"]
 
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
@@ -123,7 +125,10 @@ def _load_data(config: TrainConfig, accelerator) -> _Data:
     )
     with accelerator.main_process_first():  # download / cache once
         train = D.load_image_dataset(config.dataset, config.train_split, **common)
-        val = D.load_image_dataset(config.dataset, config.val_split, **{**common, "streaming": False})
+        if config.val_fraction:  # held out of the training split, the same on every rank
+            train, val = D.split_validation(train, config.val_fraction, seed=config.seed)
+        else:
+            val = D.load_image_dataset(config.dataset, config.val_split, **{**common, "streaming": False})
     num_classes = config.num_classes or D.get_num_classes(train) or D.get_num_classes(val)
     if num_classes is None:
         raise ValueError(
@@ -131,11 +136,12 @@ def _load_data(config: TrainConfig, accelerator) -> _Data:
             f"pass --num-classes N."
         )
     D.check_labels(train, num_classes, name=f"{config.dataset}[{config.train_split}]")
-    D.check_labels(val, num_classes, name=f"{config.dataset}[{config.val_split}]")
+    val_name = f"{config.val_fraction} of {config.train_split}" if config.val_fraction else config.val_split
+    D.check_labels(val, num_classes, name=f"{config.dataset}[{val_name}]")
     verify = config.verify_images == "yes" or (
         config.verify_images == "auto"
         and not config.streaming
-        and os.path.isdir(os.path.expanduser(config.dataset))
+        and os.path.exists(os.path.expanduser(config.dataset))
     )
     num_corrupt = 0
     if verify:
@@ -176,6 +182,23 @@ def _data_config_overrides(config: TrainConfig) -> dict[str, Any]:
         ).items()
         if v is not None
     }
+
+
+def teacher_data_config(config: TrainConfig) -> dict[str, Any] | None:
+    """The teacher's input the flags state (``--teacher-input-size/-mean/-std/-interpolation``);
+    None when none was given (the teacher then gets its weights' known config, else the batch)."""
+    size = config.teacher_input_size
+    cfg = {
+        k: v
+        for k, v in dict(
+            input_size=(3, size, size) if size else None,
+            mean=config.teacher_mean,
+            std=config.teacher_std,
+            interpolation=config.teacher_interpolation,
+        ).items()
+        if v is not None
+    }
+    return cfg or None
 
 
 def _train_aug_kwargs(config: TrainConfig) -> dict[str, Any]:
@@ -232,6 +255,7 @@ def _build_wrapper(
             teacher_pretrained=config.pretrained_teacher,
             teacher_checkpoint=config.teacher_checkpoint if teacher is None else None,
             data_config=data_config,
+            teacher_data_config=teacher_data_config(config),
             teacher_channels_last=config.channels_last,
             compile_teacher=config.compile_teacher,
             verbose=accelerator.is_main_process,
@@ -302,6 +326,8 @@ def _build_loaders(
         **loader_kw,
         **({"collate_fn": cache.collate} if cache is not None else {}),
     )
+    if config.eval_workers is not None:  # evaluation's own workers (default: --num-workers)
+        loader_kw = {**loader_kw, "num_workers": config.eval_workers}
     val_loader = D.create_loader(
         val_set, config.eval_batch_size or config.batch_size, shuffle=False, **loader_kw
     )
@@ -333,8 +359,6 @@ def _build_schedule(config: TrainConfig, accelerator, optimizer, train_loader) -
         step_on_epochs=False,
         updates_per_epoch=updates_per_epoch,
     )
-    if scheduler is not None:
-        accelerator.register_for_checkpointing(scheduler)
     total_updates = config.epochs * updates_per_epoch
     if config.max_train_steps is not None:
         total_updates = min(total_updates, config.max_train_steps)
@@ -344,21 +368,6 @@ def _build_schedule(config: TrainConfig, accelerator, optimizer, train_loader) -
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
-
-
-def _fingerprint(config: TrainConfig, world: int) -> dict[str, Any]:
-    """Settings that must not change across a resume for it to reproduce the uninterrupted run."""
-    return {
-        "student": config.student,
-        "teacher": config.teacher,
-        "method": config.method,
-        "dataset": config.dataset,
-        "seed": config.seed,
-        "batch_size": config.batch_size,
-        "grad_accum_steps": config.grad_accum_steps,
-        "world_size": world,
-        "epochs": config.epochs,
-    }
 
 
 def _new_state(config: TrainConfig, world: int) -> dict[str, Any]:
@@ -373,7 +382,8 @@ def _new_state(config: TrainConfig, world: int) -> dict[str, Any]:
         "teacher_metrics": None,
         "num_skipped": 0,
         "epoch_partial": None,  # mid-epoch checkpoints: {"n": batches, "sums": loss-term sums}
-        "fingerprint": _fingerprint(config, world),
+        "config": None,  # this run's configuration (_config_record), stored with each checkpoint
+        "config_changes": [],  # flags changed on resume: {"step", "epoch", "flag", "old", "new"}
     }
 
 
@@ -402,8 +412,11 @@ class Run:
     total_updates: int
     state: dict[str, Any]
     last_good: str | None = None
+    stop: Any = None  # the StopMonitor of fit: asked at every optimizer-step boundary
     bad_step: torch.Tensor | None = None  # first optimizer step with a non-finite loss, -1 if none
     warned_flip: bool = False
+    diverging_saved: bool = False  # a checkpoint was written with diverging weights (not good)
+    teacher_info: dict[str, Any] | None = None  # what teaches (timm_kd.hub.describe_teacher); None for ce
 
     @property
     def out_dir(self) -> Path:
@@ -419,25 +432,75 @@ class Run:
             tqdm.write(msg)
 
 
+def _config_record(run: Run) -> dict[str, Any]:
+    """The run's configuration as each checkpoint stores it: every flag, and what flags and data
+    resolved to (learning rate, classes, processes, global batch, optimizer steps per epoch)."""
+    config, world = run.config, run.accelerator.num_processes
+    resolved = {
+        "lr": run.lr,
+        "num_classes": run.num_classes,
+        "world_size": world,
+        "global_batch_size": config.batch_size * world * config.grad_accum_steps,
+        "updates_per_epoch": run.updates_per_epoch,
+    }
+    return state_json({"config": config.to_dict(), "resolved": resolved})
+
+
 def _resume(run: Run) -> None:
-    """Load the checkpoint ``--resume`` names into the prepared objects and the run's state."""
-    config, state = run.config, run.state
-    resume_dir = resolve_resume(config.resume, run.out_dir)
+    """Continue from the checkpoint ``--resume`` names (the main process chooses, every rank loads it).
+
+    Its configuration is compared with this run's before anything is loaded: what cannot work
+    (another student, optimizer, class count, global batch) is refused listing the flags; what can
+    (learning rate and schedule, epochs, loss, augmentation, logging) is applied from the
+    checkpoint's step, announced, and recorded in ``state["config_changes"]``.
+    """
+    config, state, acc = run.config, run.state, run.accelerator
+    resume_dir, skipped = choose_resume(acc, config.resume, run.out_dir)
+    for note in skipped:
+        run.log(note)
     if config.resume == "latest" and resume_dir is None:
         run.log(
             f"--resume latest: no checkpoint in {run.out_dir / CHECKPOINT_DIR} yet, starting from scratch"
         )
     if resume_dir is None:
         return
-    saved = load_checkpoint(run.accelerator, resume_dir)
-    if saved.get("fingerprint") != state["fingerprint"]:
-        warnings.warn(
-            f"resuming {resume_dir} with other settings: saved {saved.get('fingerprint')}, now "
-            f"{state['fingerprint']}. The run continues but will not match an uninterrupted one."
+    saved = read_state(resume_dir)
+    flags = {f.name: option_flag(f) for f in fields(TrainConfig)}
+    refused, applied = compare_config(saved.get("config") or {}, state["config"], flags)
+    if refused:
+        raise ValueError(
+            f"cannot resume {resume_dir} with these changes: "
+            + "; ".join(f"{flag} {old!r} -> {new!r} ({why})" for flag, old, new, why in refused)
+            + ". Resume with the checkpoint's values, or start a new run in another --output-dir "
+            f"(--student-checkpoint {resume_dir}/model.safetensors starts it from these weights)."
         )
-    state.update({k: v for k, v in saved.items() if k != "fingerprint"})
+    load_checkpoint(acc, resume_dir, model=run.student, optimizer=run.optimizer, model_ema=run.model_ema)
+    gs = int(saved["global_step"])
+    if run.scheduler is not None:  # not stored: rebuilt from this run's flags, at the checkpoint's step
+        run.scheduler.step_update(num_updates=gs)
+    changes = [
+        {"step": gs, "epoch": saved["epoch"] + 1, "flag": flag, "old": old, "new": new}
+        for flag, old, new, why in applied
+        if why != "runtime"
+    ]
+    state.update({k: v for k, v in saved.items() if k != "config"})
+    state["config_changes"] = list(saved.get("config_changes") or []) + changes
     run.last_good = str(resume_dir)
-    run.log(f"resumed from {resume_dir} (epoch {state['epoch'] + 1}, step {state['global_step']})")
+    lr_now = run.optimizer.param_groups[0]["lr"]
+    run.log(f"resumed from {resume_dir} (epoch {state['epoch'] + 1}, step {gs}), lr now {lr_now:.4g}")
+    if applied:
+        run.log(
+            f"changed on resume, applied from step {gs}: "
+            + ", ".join(f"{flag} {old} -> {new}" for flag, old, new, _ in applied)
+        )
+    if changes:
+        msg = (
+            f"resuming {resume_dir} with {len(changes)} changed training setting(s) "
+            f"({', '.join(c['flag'] for c in changes)}): the run will not match an uninterrupted one; "
+            "the changes and their step are recorded in run_summary.json (run.config_changes)."
+        )
+        warnings.warn(msg)
+        run.log("WARNING: " + msg)
 
 
 def setup_run(config: TrainConfig, accelerator, student: nn.Module | None, teacher: nn.Module | None) -> Run:
@@ -449,6 +512,8 @@ def setup_run(config: TrainConfig, accelerator, student: nn.Module | None, teach
 
     # optimizer (timm), EMA, then prepare the student, its optimizer and loaders only
     world = accelerator.num_processes
+    if config.sync_bn and world > 1:  # before the optimizer, the EMA copy and DDP see the layers
+        student, _ = convert_sync_batchnorm(student, accelerator.device)
     lr = _resolve_lr(config, world)
     optimizer = create_optimizer_v2(
         student, opt=config.opt, lr=lr, weight_decay=config.weight_decay, momentum=config.momentum
@@ -462,8 +527,6 @@ def setup_run(config: TrainConfig, accelerator, student: nn.Module | None, teach
     scheduler, batches_per_epoch, updates_per_epoch, total_updates = _build_schedule(
         config, accelerator, optimizer, train_loader
     )
-    if model_ema is not None:
-        accelerator.register_for_checkpointing(model_ema)
     mixup_fn = None
     if config.mixup > 0 or config.cutmix > 0:
         mixup_fn = Mixup(
@@ -499,5 +562,6 @@ def setup_run(config: TrainConfig, accelerator, student: nn.Module | None, teach
         state=_new_state(config, world),
         bad_step=torch.full((), -1, dtype=torch.long, device=accelerator.device),
     )
+    run.state["config"] = _config_record(run)
     _resume(run)
     return run

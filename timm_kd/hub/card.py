@@ -2,17 +2,24 @@
 
 Run metadata (every keyword optional; a run that did not evaluate gets a card that says so)::
 
-    model_name, teacher, teacher_revision, method, loss_kwargs, epochs, global_batch_size, seed,
-    hardware, dataset, eval_split, metrics, teacher_metrics, student_alone_metrics, label_names,
-    license, data_config
+    model_name, teacher, teacher_revision, teacher_info, method, loss_kwargs, epochs,
+    global_batch_size, seed, hardware, dataset, eval_split, metrics, teacher_metrics,
+    student_alone_metrics, label_names, license, data_config, config_changes (flags a resumed
+    run changed, each with the step it applied from)
 
 ``metrics`` and the other ``*_metrics`` are ``{"top1": float, "top5": float}`` in percent, as
 ``timm.utils.accuracy`` reports them; they go unchanged into the card's ``model-index``.
 
-The teacher is recorded in the card's metadata as ``distillation: {teacher, teacher_revision,
-method}`` and in the card body, not as ``base_model``: the Hub's ``base_model`` relations are
+The teacher is ``teacher_info``, the record ``timm_kd.hub.describe_teacher`` makes of what really
+taught (architecture, parameter count, where its weights came from: a pretrained tag, a Hub
+repository, a checkpoint file and its SHA-256, a local folder); given only ``teacher``, a name, the
+card takes it for the pretrained weights that name loads. Its measured accuracy is
+``teacher_metrics``. It is recorded in the card's metadata as ``distillation: {teacher,
+teacher_revision, teacher_architecture, teacher_params, teacher_weights, teacher_sha256, method}``
+and in the card body, not as ``base_model``: the Hub's ``base_model`` relations are
 adapter, merge, quantized and finetune, and a bare ``base_model`` reads as "fine-tuned from the
-teacher", which a distilled student is not.
+teacher", which a distilled student is not. ``method="ce"`` (``PLAIN_TRAINING``) is a student trained on
+its labels alone: no teacher, no ``distillation`` record, no knowledge-distillation tag.
 
 What the card says about the method (title, paper, summary, arXiv id, citations) is the loss's
 card facts, read with ``timm_kd.losses.get_loss_card``: a plug-in loss registered with a card,
@@ -34,12 +41,12 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id as _hf_validate_repo_id
-from timm.models import get_pretrained_cfg
 
 from ..losses import LossCard, get_loss_card, get_loss_entrypoint
 from ..version import __version__
+from .provenance import describe_teacher, teacher_label, teacher_metadata, teacher_text
 
-__all__ = ["META_KEYS", "create_model_card"]
+__all__ = ["META_KEYS", "PLAIN_TRAINING", "create_model_card"]
 
 _logger = logging.getLogger(__name__)
 
@@ -54,6 +61,7 @@ META_KEYS = (
     "model_name",
     "teacher",
     "teacher_revision",
+    "teacher_info",
     "method",
     "loss_kwargs",
     "epochs",
@@ -68,8 +76,11 @@ META_KEYS = (
     "label_names",
     "license",
     "data_config",
+    "config_changes",
 )
 _PUSH_ONLY_KEYS = ("token", "private", "commit_message")
+#: the ``method`` of a student trained on its labels alone (cross-entropy, no teacher)
+PLAIN_TRAINING = "ce"
 _LSKD_CITE = "sun2024lskd"  # cited as well when another loss ran on standardized logits
 _TIMM_CITE = "wightman2019timm"
 
@@ -158,41 +169,22 @@ def _hub_link(repo_id: str, kind: str = "") -> str:
     return f"[{repo_id}](https://huggingface.co/{kind}{repo_id})"
 
 
-def _teacher_info(teacher: str | None, revision: str | None) -> tuple[str | None, str | None, str]:
-    """(id for the metadata, revision, Markdown for the body) of the teacher as the run named it.
-
-    ``hf-hub:org/x@rev`` and ``org/x`` are Hub repos; a timm name such as ``resnet50.a1_in1k`` is
-    linked to the Hub repo its pretrained weights come from; a local checkpoint is named by its
-    folder or file name only (a card is public, the user's directory layout is not).
-    """
-    if not teacher:
-        return None, revision, "not recorded"
-    name = teacher
-    for prefix in ("hf-hub:", "hf_hub:"):
-        name = name.removeprefix(prefix)
-    if "@" in name and not name.startswith("local-dir:"):
-        name, rev_in_name = name.split("@", 1)
-        revision = revision or rev_in_name
-    hub_id = None
-    if name.startswith("local-dir:") or name.startswith((".", "/", "~")) or Path(name).exists():
-        local = Path(name.removeprefix("local-dir:")).name
-        meta_id, text = f"local:{local}", f"a local checkpoint (`{local}`)"
-    else:
-        try:
-            _hf_validate_repo_id(name)
-            if "/" in name:
-                hub_id = name
-            else:  # a timm model name: its pretrained weights come from the Hub repo in its pretrained_cfg
-                cfg = get_pretrained_cfg(name)
-                hub_id = cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id else None
-        except Exception:  # an unusual name: recorded as given, without a link
-            hub_id = None
-        meta_id = hub_id or teacher
-        text = _hub_link(hub_id) if hub_id else f"`{teacher}`"
-        if hub_id and hub_id != name:
-            text = f"`{teacher}` ({text})"
-    text += f" at revision `{revision}`" if revision else " (revision not recorded)"
-    return meta_id, revision, text
+def _teacher_record(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run's ``teacher_info``, else a record made from the ``teacher`` name alone (taken as
+    the pretrained weights that name loads; a run from a checkpoint must pass ``teacher_info``)."""
+    info = meta.get("teacher_info")
+    if info is not None and not isinstance(info, Mapping):
+        raise ValueError(
+            f"teacher_info must be the dict timm_kd.hub.describe_teacher returns, got {type(info).__name__}"
+        )
+    if info is None and meta.get("teacher"):
+        info = describe_teacher(str(meta["teacher"]), pretrained=True)
+    if info is None:
+        return None
+    info = dict(info)
+    if meta.get("teacher_revision"):
+        info["revision"] = meta["teacher_revision"]
+    return info
 
 
 def _dataset_info(dataset: str | None) -> tuple[str | None, str, str]:
@@ -251,16 +243,20 @@ def _card_data(
     meta: Mapping[str, Any],
     metrics: Mapping[str, float] | None,
     model_name: str,
-    teacher: tuple[str | None, str | None],
+    teacher: Mapping[str, Any] | None,
     dataset: tuple[str | None, str],
     license: str,
 ) -> ModelCardData:
-    """The card's YAML metadata: tags, license, the ``model-index`` and the ``distillation`` record."""
+    """The card's YAML metadata: tags, license, the ``model-index`` and the ``distillation`` record
+    (none, and no knowledge-distillation tag, for a student trained without a teacher)."""
     method = meta.get("method")
-    (teacher_id, teacher_revision), (dataset_id, dataset_name) = teacher, dataset
-    tags = ["image-classification", "timm", "knowledge-distillation", "timm-kd"]
-    if method:
-        tags.append(method)
+    plain = method == PLAIN_TRAINING
+    dataset_id, dataset_name = dataset
+    tags = ["image-classification", "timm", "timm-kd"]
+    if not plain:
+        tags.insert(2, "knowledge-distillation")
+        if method:
+            tags.append(method)
     eval_results = None
     if metrics:
         eval_results = [
@@ -286,12 +282,9 @@ def _card_data(
         metrics=["accuracy"] if metrics else None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results,
-        distillation={
-            "teacher": teacher_id,
-            "teacher_revision": teacher_revision,
-            "method": method,
-            "library": f"timm-kd {__version__}",
-        },
+        distillation=None
+        if plain
+        else {**teacher_metadata(teacher), "method": method, "library": f"timm-kd {__version__}"},
     )
 
 
@@ -300,13 +293,16 @@ def _comparison(
     method: str | None,
     model_name: str,
     arch: str,
-    teacher_id: str | None,
+    teacher: Mapping[str, Any] | None,
 ) -> list[dict[str, str]]:
     """Rows of the accuracy table: this model, the student trained alone, the teacher (when known)."""
+    plain = method == PLAIN_TRAINING
+    alone = None if plain else checked["student_alone_metrics"]
+    how = "cross-entropy on the labels (no teacher)" if plain else f"distilled ({method or 'KD'})"
     rows = (
-        (f"**{model_name}** (this model)", f"distilled ({method or 'KD'})", checked["metrics"]),
-        (f"`{arch}`", "same student trained without a teacher", checked["student_alone_metrics"]),
-        (f"`{teacher_id or 'teacher'}`", "teacher", checked["teacher_metrics"]),
+        (f"**{model_name}** (this model)", how, checked["metrics"]),
+        (f"`{arch}`", "same student trained without a teacher", alone),
+        (teacher_label(teacher), "teacher", None if plain else checked["teacher_metrics"]),
     )
     return [
         dict(model=model, how=how, top1=_fmt_acc(m, "top1"), top5=_fmt_acc(m, "top5"))
@@ -332,18 +328,64 @@ def _details(
         ("Image size", f"{size[-2]} x {size[-1]}"),
         ("Classes", config["num_classes"]),
         ("Dataset", texts["dataset"]),
-        ("Teacher", texts["teacher"]),
-        ("Distillation method", texts["method"]),
+        *(
+            [("Training", texts["method"])]
+            if meta.get("method") == PLAIN_TRAINING
+            else [("Teacher", texts["teacher"]), ("Distillation method", texts["method"])]
+        ),
         (
             "License",
             license
-            or "not specified by the run (`other`); check the licenses of the teacher and the dataset "
-            "before use",
+            or "not specified by the run (`other`); check the licenses of "
+            + ("the dataset" if meta.get("method") == PLAIN_TRAINING else "the teacher and the dataset")
+            + " before use",
         ),
     ]
     if card is not None and card.arxiv:
         details.append(("Papers", f"[arXiv:{card.arxiv}](https://arxiv.org/abs/{card.arxiv})"))
     return details
+
+
+def _summary(
+    arch: str,
+    plain: bool,
+    teacher: Mapping[str, Any] | None,
+    card: LossCard | None,
+    method: str | None,
+    metrics: Mapping[str, float] | None,
+    eval_split: str,
+) -> str:
+    """The card's opening sentence: what the model is, how it was trained, its accuracy."""
+    if plain:
+        text = f"A `{arch}` image classifier trained on its labels with cross-entropy, without a teacher"
+        text += " (timm-kd)."
+    else:
+        by = f" with {card.title.split(' (')[0]}" if card else (f" with `{method}`" if method else "")
+        who = teacher_label(teacher) if teacher else "a teacher"
+        text = f"A `{arch}` image classifier distilled from {who}{by} (timm-kd)."
+    if metrics:
+        return text + f" Top-1 accuracy {_fmt_acc(metrics, 'top1')} % on the `{eval_split}` split."
+    return text + " It was not evaluated by the run that produced it."
+
+
+def _training_rows(meta: Mapping[str, Any], texts: Mapping[str, str], plain: bool) -> list[tuple[str, str]]:
+    """The "Distillation" (or, without a teacher, "Training") section's rows."""
+    rows = [("Method", texts["method"])] + ([] if plain else [("Teacher", texts["teacher"])])
+    changes = [
+        f"`{c.get('flag')}` {_fmt(c.get('old'))} -> {_fmt(c.get('new'))} from step {_fmt(c.get('step'))}"
+        for c in meta.get("config_changes") or []
+        if isinstance(c, Mapping)
+    ]
+    if changes:  # a resumed run whose flags changed: the values below are the last ones
+        rows.append(("Changed on resume", "; ".join(changes)))
+    return rows + [
+        ("Epochs", _fmt(meta.get("epochs"))),
+        ("Global batch size", _fmt(meta.get("global_batch_size"))),
+        ("Seed", _fmt(meta.get("seed"))),
+        ("Hardware", _fmt(meta.get("hardware"))),
+        ("Training data", texts["dataset"]),
+        ("Software", f"timm-kd {__version__}"),
+    ]
 
 
 def create_model_card(
@@ -358,7 +400,11 @@ def create_model_card(
     The template is ``model_cards/student_card.md`` (installed as ``timm_kd/model_cards``),
     rendered by ``huggingface_hub.ModelCard.from_template``. Numbers come only from ``meta``: a run
     without ``metrics`` gets a card saying it was not evaluated and no ``model-index``. The method's
-    title, paper, summary and citations come from its ``LossCard`` (``get_loss_card``).
+    title, paper, summary and citations come from its ``LossCard`` (``get_loss_card``). The teacher
+    is ``teacher_info`` (``timm_kd.hub.describe_teacher``: architecture, parameter count, where its
+    weights came from), else what the ``teacher`` name alone says. ``method="ce"`` is a student
+    trained on its labels alone: the card names no teacher, no distillation method and no
+    knowledge-distillation tag.
     """
     _check_meta(meta)
     checked = {
@@ -368,49 +414,39 @@ def create_model_card(
     metrics = checked["metrics"]
     arch = config["architecture"]
     method = meta.get("method")
-    card = _loss_card(method)
-    loss_kwargs = dict(meta.get("loss_kwargs") or {})
+    plain = method == PLAIN_TRAINING
+    card = None if plain else _loss_card(method)
+    loss_kwargs = {} if plain else dict(meta.get("loss_kwargs") or {})
     model_name = (
         meta.get("model_name")
         or (repo_id.split("/")[-1] if repo_id else None)
-        or (f"{arch}.{method}_distilled" if method else arch)
+        or (f"{arch}.{method}_distilled" if method and not plain else arch)
     )
     license = meta.get("license") or "other"
-    teacher_id, teacher_revision, teacher_text = _teacher_info(
-        meta.get("teacher"), meta.get("teacher_revision")
-    )
+    teacher = None if plain else _teacher_record(meta)
     dataset_id, dataset_name, dataset_text = _dataset_info(meta.get("dataset"))
     eval_split = meta.get("eval_split") or "evaluation"
     n_eval = (meta.get("metrics") or {}).get("num_samples")
-    if card is None:
+    if plain:
+        method_text = "cross-entropy on the labels (no teacher, no distillation)"
+    elif card is None:
         method_text = _fmt(method)
     else:
         method_text = f"{card.title} ({card.paper}" + (f", arXiv:{card.arxiv})" if card.arxiv else ")")
-    texts = {"dataset": dataset_text, "teacher": teacher_text, "method": method_text}
-    distillation = [
-        ("Method", method_text),
-        ("Teacher", teacher_text),
-        ("Epochs", _fmt(meta.get("epochs"))),
-        ("Global batch size", _fmt(meta.get("global_batch_size"))),
-        ("Seed", _fmt(meta.get("seed"))),
-        ("Hardware", _fmt(meta.get("hardware"))),
-        ("Training data", dataset_text),
-        ("Software", f"timm-kd {__version__}"),
-    ]
-    by = f" with {card.title.split(' (')[0]}" if card else (f" with `{method}`" if method else "")
-    summary = f"A `{arch}` image classifier distilled from `{teacher_id or 'a teacher'}`{by} (timm-kd)."
-    if metrics:
-        summary += f" Top-1 accuracy {_fmt_acc(metrics, 'top1')} % on the `{eval_split}` split."
+    texts = {
+        "dataset": dataset_text,
+        "teacher": teacher_text(teacher, checked["teacher_metrics"], eval_split),
+        "method": method_text,
+    }
+    if plain:
+        method_summary = "Trained with cross-entropy on the dataset's labels alone; no teacher took part."
     else:
-        summary += " It was not evaluated by the run that produced it."
-    card_data = _card_data(
-        meta, metrics, model_name, (teacher_id, teacher_revision), (dataset_id, dataset_name), license
-    )
+        method_summary = card.summary if card else (f"Loss: `{method}`." if method else "Loss: not recorded.")
     return ModelCard.from_template(
-        card_data,
+        _card_data(meta, metrics, model_name, teacher, (dataset_id, dataset_name), license),
         template_str=_card_resource(CARD_TEMPLATE),
         model_name=model_name,
-        summary=summary,
+        summary=_summary(arch, plain, teacher, card, method, metrics, eval_split),
         hub_id=repo_id or f"<namespace>/{model_name}",
         example_image_url=EXAMPLE_IMAGE_URL,
         top_k=min(5, int(config["num_classes"])),
@@ -419,10 +455,11 @@ def create_model_card(
         evaluated=bool(metrics),
         eval_split=eval_split,
         eval_dataset=dataset_text + (f", {int(n_eval)} images" if n_eval else ""),
-        comparison=_comparison(checked, method, model_name, arch, teacher_id),
+        comparison=_comparison(checked, method, model_name, arch, teacher),
+        distilled=not plain,
         method=method or "",
-        method_summary=card.summary if card else (f"Loss: `{method}`." if method else "Loss: not recorded."),
-        distillation=distillation,
-        loss_params=_loss_params(method, loss_kwargs),
+        method_summary=method_summary,
+        distillation=_training_rows(meta, texts, plain),
+        loss_params=[] if plain else _loss_params(method, loss_kwargs),
         citations=_citations(card, loss_kwargs),
     )

@@ -140,11 +140,14 @@ def student_config(
     """The ``config.json`` dict of a timm student, in timm's Hub format.
 
     ``data_config`` (input_size, mean, std, crop_pct, crop_mode, interpolation) is the preprocessing
-    the student was trained and evaluated with; without it, the student's current input size and
-    its architecture's default normalization are used. ``model_args`` adds or replaces arguments
-    that ``timm.create_model`` needs to rebuild the network (those given to ``create_model`` are
-    recorded by timm itself).
+    the student was trained and evaluated with. Without it, a ``DistillWrapper`` given as ``student``
+    supplies its ``student_data_config`` (its images' normalization, the size of the batches it
+    trained on); a bare model its current input size and its architecture's default normalization.
+    ``model_args`` adds or replaces arguments that ``timm.create_model`` needs to rebuild the
+    network (those given to ``create_model`` are recorded by timm itself).
     """
+    if data_config is None:
+        data_config = getattr(student, "student_data_config", None)  # a DistillWrapper's
     model = unwrap_model(student, student=True)
     arch = _architecture(model)
     src = dict(getattr(model, "pretrained_cfg", None) or {})

@@ -30,9 +30,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models import unwrap_model
+from ..teacher import Teacher
 from ..version import __version__
-from .card import _check_meta, create_model_card
+from .card import PLAIN_TRAINING, _check_meta, create_model_card
 from .config import CONFIG_NAME, _check_rebuild, _num_params, _state_dict, student_config
+from .provenance import describe_teacher
 
 __all__ = [
     "WEIGHTS_NAME",
@@ -43,6 +45,7 @@ __all__ = [
     "check_push_ready",
     "save_pretrained",
     "push_to_hub",
+    "push_report",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -178,6 +181,19 @@ def _write_folder_atomically(folder: Path, write: Callable[[Path], None]) -> Non
         raise
 
 
+def _wrapper_meta(student: Any, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """For a ``DistillWrapper`` given without ``teacher``/``teacher_info``: its live teacher's record
+    (from what ``timm_kd.models.resolve_model`` recorded on the network, never from its name alone,
+    which may be an architecture loaded from a checkpoint) and its loss as ``method``."""
+    teacher = getattr(student, "teacher", None)
+    if not isinstance(teacher, Teacher) or "teacher" in meta or "teacher_info" in meta:
+        return {}
+    out: dict[str, Any] = {"teacher_info": describe_teacher(teacher.model)}
+    if getattr(student, "loss_name", None):
+        out["method"] = student.loss_name
+    return out
+
+
 def save_pretrained(
     student: torch.nn.Module,
     folder: str | os.PathLike,
@@ -189,18 +205,21 @@ def save_pretrained(
     """Write ``config.json``, ``model.safetensors`` and ``README.md`` of ``student`` to ``folder``.
 
     The folder is written atomically (built beside it, then renamed). ``repo_id``, when known,
-    goes into the card's usage code. ``meta`` is the run metadata listed in :data:`META_KEYS`.
+    goes into the card's usage code. ``meta`` is the run metadata listed in :data:`META_KEYS`; a
+    ``DistillWrapper`` given without ``teacher``/``teacher_info`` records its own teacher network
+    (``describe_teacher``) and loss.
     ``timm.create_model(f"local-dir:{folder}", pretrained=True)`` loads the result.
     Returns the folder's path.
     """
     _check_meta(meta)
     if repo_id is not None:
         validate_repo_id(repo_id)
+    meta = {**_wrapper_meta(student, meta), **meta}
     model = unwrap_model(student, student=True)
     config = student_config(
         model,
         label_names=meta.get("label_names"),
-        data_config=meta.get("data_config"),
+        data_config=meta.get("data_config") or getattr(student, "student_data_config", None),
         license=meta.get("license"),
         model_args=model_args,
     )
@@ -324,10 +343,13 @@ def push_to_hub(
             save_pretrained(student, stage, repo_id=repo_id, model_args=model_args, **meta)
 
         api = HfApi(token=token, library_name="timm-kd", library_version=__version__)
+        how = ""
+        if meta.get("method") == PLAIN_TRAINING:
+            how = " (trained with cross-entropy, no teacher)"
+        elif meta.get("method"):
+            how = f" (distilled with {meta['method']})"
         message = commit_message or (
-            f"Upload {meta.get('model_name') or repo_id.split('/')[-1]}"
-            + (f" (distilled with {meta['method']})" if meta.get("method") else "")
-            + " with timm-kd"
+            f"Upload {meta.get('model_name') or repo_id.split('/')[-1]}{how} with timm-kd"
         )
         _logger.info("pushing %s to %s/%s", ", ".join(FOLDER_FILES), api.endpoint, repo_id)
         try:
@@ -339,3 +361,13 @@ def push_to_hub(
             raise _push_error(e, repo_id, api.endpoint, local, [token, _default_token()]) from None
     _logger.info("pushed %s: %s", repo_id, getattr(info, "commit_url", info))
     return info
+
+
+def push_report(repo_id: str, info: Any) -> str:
+    """What a successful push prints: the repository's URL, the commit, and how to load the model."""
+    url = getattr(info, "repo_url", None) or f"{constants.ENDPOINT}/{repo_id}"
+    commit = getattr(info, "commit_url", None)
+    return (
+        f"pushed the student to {url}" + (f" (commit {commit})" if commit else "") + "\n"
+        f'load it with: timm.create_model("hf-hub:{repo_id}", pretrained=True)'
+    )

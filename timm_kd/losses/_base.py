@@ -8,7 +8,12 @@ All losses follow one calling convention::
   float32 with autocast disabled, whatever the caller's autocast or logit dtype.
 * ``target``: class indices ``[B]`` (int) or soft targets ``[B, C]`` (float, rows summing to 1,
   as produced by timm's ``Mixup``/CutMix).
-* ``epoch``: 1-based training epoch, fractions allowed, needed by losses with a warm-up.
+* ``epoch``: 1-based training epoch, fractions allowed, needed by losses with a warm-up, whose
+  factor is ``min(epoch / warmup_epochs, 1)``. The first epoch is 1 (``1 + step / steps_per_epoch``
+  during it, ``step`` 0-based, as ``timm_kd.engine`` passes it). A 0-based loop (timm's
+  ``train.py`` counts epochs from 0) must pass ``epoch + 1``: ``epoch=0`` gives the factor 0, no
+  distillation at all, so timm's epoch passed unchanged would train the whole first epoch without
+  the teacher (a ``UserWarning`` says so).
 * Returns ``{"loss": objective, <term>: value, ...}``; ``"loss"`` includes cross-entropy.
 
 The data-dependent checks (finite logits, label range) cost one device-to-host transfer per call;
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -74,6 +80,10 @@ def warmup_factor(
 ) -> float | torch.Tensor:
     """``min(epoch / warmup_epochs, 1)``; 1 without warm-up. ``epoch`` is 1-based.
 
+    ``epoch == 0`` (a Python number) is allowed and gives 0, but it is what a 0-based loop passes in
+    its first epoch, so it also warns (once per loss under Python's default filter) with the fix:
+    pass ``epoch + 1``.
+
     A 0-d tensor ``epoch`` (what ``compile_loss`` passes, already checked) gives a 0-d tensor, so a
     compiled loss computes the factor in its graph instead of recompiling for each epoch's value.
     """
@@ -87,7 +97,15 @@ def warmup_factor(
         )
     if torch.is_tensor(epoch):
         return (epoch / warmup_epochs).clamp(max=1.0)
-    return min(check_epoch(epoch, loss) / warmup_epochs, 1.0)
+    epoch = check_epoch(epoch, loss)
+    if epoch == 0:
+        warnings.warn(
+            f"{loss}: epoch=0 gives a warm-up factor of 0 (no distillation in this call). Epochs are "
+            f"1-based: a loop that counts epochs from 0, like timm's train.py, should pass epoch + 1 "
+            f"(or epoch + 1 + step / steps_per_epoch for a per-step ramp, as timm_kd.engine does).",
+            stacklevel=2,
+        )
+    return min(epoch / warmup_epochs, 1.0)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,10 @@ Math, per sample with teacher logits ``z``, student logits ``v``, label ``y`` an
 * ATS is not invariant to adding a constant to all logits (``c / τ1`` and ``c / τ2`` differ). The
   authors apply it to raw logits and so do we; ``logit_standardize=True`` z-scores them first.
 
-Defaults: τ1 = 4, τ2 = 3, s = 1, λ = 0.5. The authors' ``distill.py`` has no defaults of its own:
-their ``train_distill_ats.py`` sweeps τ1 ∈ {1..6} × τ2 ∈ {1..5} with s = 1 and λ = 0.5, and their
-MindSpore demo runs τ1 = 4, τ2 = 2; τ1 = 4, τ2 = 3 is the project's METHODS.md setting.
+Defaults: τ1 = 4, τ2 = 3, s = 1, λ = 0.5, the argparse defaults of the authors' MindSpore port
+(``run_distill.py``). Their PyTorch ``distill.py`` has no defaults of its own: their
+``train_distill_ats.py`` sweeps τ1 ∈ {1..6} × τ2 ∈ {1..5} with s = 1 and λ = 0.5, and their PyTorch
+demo runs τ1 = 4, τ2 = 2.
 ISATS (``isats``) is ATS with τ2 chosen per sample from the teacher logits (``ISATSLoss``).
 """
 from __future__ import annotations
@@ -264,8 +265,9 @@ class ATSLoss(DistillLoss):
     """ATS: ``(1 - λ) CE + λ s² · softCE(ats_target_probs(z_t, y, τ1, τ2), softmax(z_s / s))``.
 
     Args:
-        tau_correct: τ1, the temperature of the label's logit (4.0).
-        tau_wrong: τ2, the temperature of every wrong class's logit (3.0).
+        tau_correct: τ1, the temperature of the label's logit (4.0, the authors' MindSpore port).
+        tau_wrong: τ2, the temperature of every wrong class's logit (3.0, the authors' MindSpore
+            port's ``run_distill.py``; no default in their PyTorch code).
         student_tau: s, the student's softmax temperature (1.0, all the authors' scripts).
         kd_weight: λ in [0, 1]; cross-entropy gets 1 - λ (0.5, the authors' scripts).
         logit_standardize: z-score both logits before the temperatures (not in the ATS paper).

@@ -15,6 +15,12 @@ own weights. Per sample, with label ``y`` and temperature ``T``::
 Both terms are batch means (mdistiller sums and divides by the batch size). The warm-up scales the
 DKD terms, not the cross-entropy; ``epoch`` is 1-based, as in mdistiller's trainer.
 
+Departure from mdistiller (the warm-up's steps). mdistiller's trainer passes the integer epoch, so
+its factor steps once per epoch (``k / 20`` through epoch ``k``); ``timm_kd.engine`` passes the
+fractional epoch ``k + step / steps_per_epoch``, so the factor ramps every step and runs ahead of
+mdistiller's by up to ``1 / warmup_epochs``: over the 20 warm-up epochs its mean is 0.549 here
+against 0.525 there. Pass the integer epoch to get mdistiller's steps.
+
 Departure from mdistiller (same math, different numerics). mdistiller takes ``torch.log`` of
 softmax probabilities, which gives ``-inf`` and a NaN loss when ``q_y`` or ``1 - q_y`` underflows
 (confident or large logits), and drops the target class from NCKD by subtracting 1000 from its
@@ -93,10 +99,11 @@ class DKDLoss(DistillLoss):
     """DKD: ``ce_weight * CE + warmup * (alpha * TCKD + beta * NCKD)``.
 
     Defaults are mdistiller's (``CFG.DKD``: CIFAR-100, e.g. ResNet32x4 -> ResNet8x4, 76.32 %). Its
-    ImageNet ResNet34 -> ResNet18 config uses ``beta=0.5, tau=1.0, warmup_epochs=1`` (71.70 %); its
-    CIFAR-100 configs vary ``beta`` per pair: 2.0 for res56->res20 and res110->res32, 6.0 for
-    wrn40_2->wrn16_2, wrn40_2->wrn40_1, vgg13->vgg8 and vgg13->mv2. The logit-standardization paper
-    (Sun et al. 2024) runs DKD with ``logit_standardize=True, tau=2`` and both weights times 9.
+    ImageNet configs use ``tau=1.0, warmup_epochs=1`` with ``beta=0.5`` for ResNet34 -> ResNet18
+    (71.70 %) and ``beta=2.0`` for ResNet50 -> MobileNetV1 (72.05 %); its CIFAR-100 configs vary
+    ``beta`` per pair: 2.0 for res56->res20 and res110->res32, 6.0 for wrn40_2->wrn16_2,
+    wrn40_2->wrn40_1, vgg13->vgg8 and vgg13->mv2. The logit-standardization paper (Sun et al. 2024)
+    runs DKD with ``logit_standardize=True, tau=2`` and both weights times 9.
 
     Args:
         alpha: weight of TCKD, the target-class term (1.0).
