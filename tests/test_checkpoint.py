@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from timm_kd import engine
 from timm_kd.engine import CheckpointError, CheckpointWriteError, TrainConfig, TrainingDivergedError
 from timm_kd.engine import checkpoint as ckpt
+from timm_kd.files import file_sha256
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +39,7 @@ def _rehash(folder: Path, name: str) -> None:
     """Make the manifest agree with a changed file (what someone planting a file would do too)."""
     manifest = json.loads((folder / ckpt.MANIFEST_FILE).read_text())
     f = folder / name
-    manifest["files"][name] = {"size": f.stat().st_size, "sha256": ckpt._sha256(f)}
+    manifest["files"][name] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
     (folder / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
 
 

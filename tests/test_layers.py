@@ -54,6 +54,7 @@ PACKAGE_DIR = ROOT / "timm_kd"
 LAYERS: dict[str, int] = {
     "version": 1,
     "lazy": 1,
+    "files": 1,
     "offline": 1,
     "losses": 2,
     "data": 2,

@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .. import data as D
+from .. import files as file_io
 from .logits import TailPrior, compress_logits, index_dtype
 
 __all__ = [
@@ -173,13 +174,7 @@ def dataset_fingerprint(dataset) -> str:
 
 def file_sha256(path: str | os.PathLike | None) -> str | None:
     """The first 32 hex digits of a file's SHA-256 (None for no path): how a manifest names a checkpoint."""
-    if not path:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:32]
+    return file_io.file_sha256(path)[:32] if path else None
 
 
 def teacher_files_sha256(teacher: str | None, checkpoint: str | os.PathLike | None) -> str | None:

@@ -25,7 +25,6 @@ and broadcasts the choice, so every rank loads the same one.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -42,6 +41,7 @@ from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..files import file_sha256
 from ..models import unwrap_model
 from .config import CHECKPOINT_DIR
 
@@ -112,14 +112,6 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for p in _step_folders(output_dir) if (p / MANIFEST_FILE).is_file()]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_json(path: Path) -> Any:
     """A JSON file of a checkpoint; anything else (a damaged or planted file) is a ``CheckpointError``."""
     try:
@@ -155,7 +147,7 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
         size = f.stat().st_size
         if size != want["size"]:
             return f"{name} has {size} bytes, the manifest says {want['size']} (truncated or damaged)"
-        if _sha256(f) != want["sha256"]:
+        if file_sha256(f) != want["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest (damaged or modified)"
     return None
 
@@ -414,7 +406,7 @@ def _write_parts(accelerator, tmp: Path, parts: dict[str, Any], state: dict[str,
 
 def _write_manifest(tmp: Path, unhealthy: str | None) -> None:
     files = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(tmp.iterdir())
         if p.is_file() and p.name != MANIFEST_FILE and not p.name.startswith(".")
     }

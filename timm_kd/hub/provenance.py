@@ -24,7 +24,6 @@ of the record: it is the run's ``teacher_metrics``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from typing import Any
 import torch.nn as nn
 from timm.models import get_pretrained_cfg, parse_model_name
 
+from ..files import file_sha256
 from ..models import unwrap_model, weights_source
 from ..teacher import Teacher
 
@@ -41,15 +41,6 @@ __all__ = ["SOURCES", "describe_teacher", "teacher_label", "teacher_metadata", "
 
 SOURCES = ("pretrained", "hf-hub", "checkpoint", "local-dir", "random", "module")
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The full SHA-256 of a file, in hex (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _local_name(path: str | os.PathLike) -> str:
