@@ -1,94 +1,167 @@
-"""recipes/capacity_study.py --quick under two real gloo processes: outputs, caching, resume."""
+"""recipes/capacity_study.py --quick under two real gloo processes: ladders, statistics, tuning on
+held-out images only, paired report, the ranking check, caching and resume."""
 
 from __future__ import annotations
 
-import csv
+import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import timm
-from _engine_utils import RECIPES, launch, output
+from _engine_utils import RECIPES, launch, output, subprocess_env
 
 STUDY = RECIPES / "capacity_study.py"
-METHODS = ["kd", "ats", "ats_suggested", "dtkd", "isats"]
+METHODS = ["kd", "dtkd"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("capacity_study", STUDY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
-def test_quick_study_writes_its_table_and_plots_and_a_rerun_trains_nothing(tmp_path):
+def test_quick_study_reports_ladders_tuning_pairs_and_ranking_and_resumes(tmp_path):
     out = tmp_path / "study"
-    res = launch(tmp_path, STUDY, ["--quick", "--output-dir", str(out)], timeout=300)
+    argv = [
+        "--quick",
+        "--ladders",
+        "schedule",
+        "size",
+        "--methods",
+        "alone",
+        *METHODS,
+        "--output-dir",
+        str(out),
+    ]
+    res = launch(tmp_path, STUDY, argv, timeout=300)
     assert res.returncode == 0, output(res)
+    log = res.stdout + res.stderr
+    assert "estimate:" in log and "[rank 0]" in log and "[rank 1]" in log  # both processes trained cells
+    assert "ladder schedule: test top-1" in log and "ladder size: test top-1" in log
 
-    # one row per teacher, every method's mean/std over the quick study's one seed, in CSV and Markdown
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["teacher"] for r in rows] == ["test_resnet", "resnet10t"]  # sorted by parameters
-    for r in rows:
-        assert int(r["params"]) == sum(
-            p.numel() for p in timm.create_model(r["teacher"], num_classes=100).parameters()
+    record = json.loads((out / "results.json").read_text())
+    # the schedule ladder (1, 2, 3 epochs) and the size ladder at 3 epochs share test_resnet@3ep
+    teachers = record["teachers"]
+    assert sorted(teachers) == [
+        "test_efficientnet@3ep",
+        "test_resnet@1ep",
+        "test_resnet@2ep",
+        "test_resnet@3ep",
+    ]
+    for name, t in teachers.items():
+        for key in (
+            "train_top1",
+            "train_max_prob",
+            "wrong_std",
+            "wrong_entropy",
+            "ats_induced_flip",
+            "dark_knowledge",
+            "heldout_top1",
+            "heldout_ece",
+            "heldout_nll",
+            "score",
+            "test_top1",
+        ):
+            assert t[key] is not None, (name, key)
+        # saved in timm's format with the normalization it was trained with
+        model = timm.create_model(f"local-dir:{t['folder']}", pretrained=True)
+        assert model.num_classes == 100 and tuple(model.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)
+    assert set(record["monotone"]) == {"schedule", "size"}
+
+    # tuning read the held-out accuracy of the seed-0 runs only: the chosen setting is their argmax,
+    # the default (listed first) winning ties; tuned cells exist for seed 1 only when not the default
+    cells = {p.name: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    for key, choice in record["chosen"].items():
+        teacher, method = key.split("|")
+        grid = [
+            c for c in cells.values() if c["teacher"] == teacher and c["method"] == method and c["seed"] == 0
+        ]
+        assert len(grid) == 3  # the default and the two grid points of GRIDS[method]
+        best = max(c["heldout_top1"] for c in grid)
+        assert choice["kwargs"] == next(
+            c["loss_kwargs"]
+            for c in sorted(grid, key=lambda c: bool(c["loss_kwargs"]))
+            if c["heldout_top1"] == best
         )
-        assert 0.0 <= float(r["teacher_test_top1"]) <= 100.0
-        assert float(r["ats_suggested_tau_correct"]) > 0 and float(r["ats_suggested_tau_wrong"]) > 0
-        for m in METHODS:
-            assert r[f"{m}_n"] == "1" and 0.0 <= float(r[f"{m}_mean"]) <= 100.0
+        tuned_seed1 = [
+            c
+            for c in cells.values()
+            if (c["teacher"], c["method"], c["seed"]) == (teacher, method, 1)
+            and c["loss_kwargs"] == choice["kwargs"]
+        ]
+        assert len(tuned_seed1) == 1
+    expected = 2 + 4 * len(METHODS) * (2 + 2) + sum(bool(c["kwargs"]) for c in record["chosen"].values())
+    assert len(cells) == expected
+
     md = (out / "results.md").read_text()
-    sweep = (out / "teacher_diagnostics.md").read_text()
-    assert "test_resnet" in sweep and "resnet10t" in sweep and "ATS" in sweep
-    assert "| teacher | params (M) |" in md and "ats_suggested top-1" in md and "alone:" in md
-    for name in ("student_vs_teacher_size.png", "teacher_diagnostics.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    for part in (
+        "## Teachers",
+        "ladder **schedule**",
+        "## Students, authors’ defaults",
+        "## Students, tuned on held-out images",
+        "## Paired differences",
+        "dtkd − kd",
+        "kd − alone",
+        "## Ranking teachers before training",
+        "naive rule",
+    ):
+        assert part in md, part
+    check = record["ranking_check"]
+    assert set(check["spearman"]) >= {"score", "test_top1"} and len(check["kd_student_mean"]) == 4
+    for name in ("student_vs_teacher_accuracy.png", "ranking_check.png", "rank_teachers.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
 
-    # both ranks trained cells (the work is split), each cell once; teachers saved in timm's format
-    cells = sorted((out / "cells").glob("*.json"))
-    assert len(cells) == 1 + 2 * len(METHODS)
-    log = output(res)
-    assert "[rank 0]" in log and "[rank 1]" in log
-    teacher_dirs = list((out / "teachers").iterdir())
-    assert len(teacher_dirs) == 2
-    for d in teacher_dirs:
-        model = timm.create_model(f"local-dir:{d / 'timm'}", pretrained=True)
-        assert model.num_classes == 100
-
-    # the ats_suggested cells used the temperatures the table reports
-    for r in rows:
-        cell = next(c for c in cells if f"__{r['teacher']}__ats_suggested__" in c.name)
-        kwargs = json.loads(cell.read_text())["loss_kwargs"]
-        assert kwargs == {
-            "tau_correct": float(r["ats_suggested_tau_correct"]),
-            "tau_wrong": float(r["ats_suggested_tau_wrong"]),
-        }
-
-    # an interrupted study resumes: drop one cell, rerun, only that cell (and no teacher) is trained
-    stamps = {c.name: c.stat().st_mtime_ns for c in cells}
-    cells[0].unlink()
-    res = launch(tmp_path, STUDY, ["--quick", "--output-dir", str(out)], num_processes=1, timeout=300)
+    # an interrupted study resumes: drop one cell, rerun on one process: that cell alone is trained
+    victim = sorted((out / "cells").glob("*.json"))[0]
+    stamps = {c.name: c.stat().st_mtime_ns for c in (out / "cells").glob("*.json")}
+    victim.unlink()
+    res = launch(tmp_path, STUDY, argv, num_processes=1, timeout=300)
     assert res.returncode == 0, output(res)
-    assert output(res).count("cached in") == 2
+    assert res.stdout.count("cached in") == 4
     after = {c.name: c.stat().st_mtime_ns for c in (out / "cells").glob("*.json")}
     assert after.keys() == stamps.keys()
-    changed = [n for n in after if after[n] != stamps[n]]
-    assert changed == [cells[0].name]
+    assert [n for n in after if after[n] != stamps[n]] == [victim.name]
+
+
+def test_monotonicity_check_and_tie_break():
+    study = _recipe()
+    ladders = {"a": [("x", 1, 0.0), ("x", 2, 0.0)], "b": [("y", 3, 0.0), ("z", 3, 0.0)]}
+    teachers = {
+        "x@1ep": {"test_top1": 50.0},
+        "x@2ep": {"test_top1": 51.0},
+        "y@3ep": {"test_top1": 60.0},
+        "z@3ep": {"test_top1": 60.0},
+    }
+    assert study.check_monotone(ladders, teachers) == {"a": (True, [50.0, 51.0]), "b": (False, [60.0, 60.0])}
+    assert study.teacher_name(("resnet10t", 12, 0.1)) == "resnet10t@12ep+ls0.1"
+    # the greedy split gives both processes the same load for E, 2E, 3E
+    jobs = study.assign([("a", 1), ("a", 2), ("a", 3)], 2, lambda j: j[1])
+    assert sorted(sum(j[1] for j in r) for r in jobs) == [3, 3]
 
 
 def test_help_and_bad_arguments(tmp_path):
-    import subprocess
-    import sys
+    def run(*argv):
+        return subprocess.run(
+            [sys.executable, str(STUDY), *argv],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            timeout=120,
+        )
 
-    from _engine_utils import subprocess_env
-
-    res = subprocess.run(
-        [sys.executable, str(STUDY), "--help"],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=120,
+    res = run("--help")
+    assert (
+        res.returncode == 0
+        and "--quick" in res.stdout
+        and "--ladders" in res.stdout
+        and "--gpu" in res.stdout
     )
-    assert res.returncode == 0 and "--quick" in res.stdout and "capacity" in res.stdout
-    res = subprocess.run(
-        [sys.executable, str(STUDY), "--methods", "kd", "fitnet", "--output-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=120,
-    )
-    assert res.returncode == 2 and "unknown methods ['fitnet']" in res.stderr
+    res = run("--methods", "kd", "fitnet", "--output-dir", str(tmp_path))
+    assert res.returncode == 2 and "fitnet" in res.stderr
+    res = run("--quick", "--gpu")
+    assert res.returncode == 2 and "pick one" in res.stderr

@@ -310,3 +310,16 @@ def test_a_value_error_from_a_library_is_a_bug_with_its_traceback():
     with pytest.raises(ValueError) as theirs:
         json.loads("{")
     assert not cli.is_user_error(theirs.value)
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    # `timm-kd list-losses -v | head -1`: the pipe is closed before the command writes to it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "timm_kd.cli", "list-losses", "-v"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -64,7 +64,8 @@ LAYERS: dict[str, int] = {
     "cache": 3,
     "wrapper": 4,
     "hub": 4,
-    "diagnostics": 4,
+    "diagnostics": 3,
+    "ranking": 4,
     "engine": 5,
     "cli": 6,
 }
@@ -509,6 +510,7 @@ CLEAN_TREE = {
     "diagnostics.py": "def plot():\n    from matplotlib.figure import Figure\n"
     "    from torch.utils.tensorboard import SummaryWriter\n    import sklearn.datasets\n"
     "    return Figure, SummaryWriter, sklearn\n",
+    "ranking.py": "from .diagnostics import plot\n",
     "engine/__init__.py": "from .loop import fit\n",
     "engine/loop.py": "from ..wrapper import Wrapper\nfrom .config import _DEFAULTS\n\n\ndef fit():\n"
     "    return Wrapper\n",
@@ -544,7 +546,7 @@ def test_upward_same_layer_and_root_imports(tmp_path):
     files["models.py"] = "import torch\nfrom .teacher import x\n"  # 2 -> 3
     files["losses/kd.py"] = "from ..engine.loop import fit\n\n\nclass KD:\n    pass\n"  # 2 -> 5
     files["cache.py"] = "import timm_kd.teacher\n"  # 3 -> 3, another unit
-    files["hub/__init__.py"] = "from ..diagnostics import plot\nfrom timm_kd import __version__\n"
+    files["hub/__init__.py"] = "from ..ranking import plot\nfrom timm_kd import __version__\n"
     files["data/__init__.py"] = "from .sources import load\n"  # inside one package: fine
     files["data/sources.py"] = "from ..version import __version__\nload = None\n"
     found = by_rule(check_package(make_tree(tmp_path, files)), "layer")

@@ -2,6 +2,7 @@
 
     timm-kd train [--recipe imagenet_ats|imagenet_dtkd|cifar100] <training flags>
     timm-kd diagnose --teacher MODEL --dataset DATA [--num-samples N] [--output-dir DIR]
+    timm-kd rank-teachers --teachers A B ... --dataset DATA [--num-samples N] [--num-heldout N] [--tau T]
     timm-kd push RUN_DIR REPO [--private] [--token TOKEN] [--commit-message MSG] [--model-name NAME]
     timm-kd list-losses [-v] [FILTER]
     timm-kd cache-teacher --cache-dir DIR [--num-views N] [--top-k K] [--shard-size S] <training flags>
@@ -337,6 +338,95 @@ def _add_diagnose(subparsers: argparse._SubParsersAction, argv: Sequence[str]) -
 
 
 # --------------------------------------------------------------------------------------------------
+# rank-teachers
+# --------------------------------------------------------------------------------------------------
+
+
+def _train_with(row: dict[str, Any]) -> str:
+    """The ``timm-kd train`` flags of a ranked teacher and its suggested method."""
+    if row["method"] == "none":
+        return "--method ce (the student alone)"
+    flags = f"--teacher {row['teacher']}"
+    if row.get("teacher_checkpoint"):
+        flags += f" --teacher-checkpoint {row['teacher_checkpoint']}"
+    flags += f" --method {row['method']}"
+    return flags + "".join(f" --loss-arg {k}={v:g}" for k, v in row["method_kwargs"].items())
+
+
+def cmd_rank_teachers(args: argparse.Namespace) -> int:
+    from .engine import config_from_args
+    from .engine.diagnose import RANK_JSON, RANK_PLOT, rank_teacher_candidates
+    from .ranking import format_ranking_table
+
+    if args.teacher is not None:
+        raise ValueError("rank-teachers takes its candidates from --teachers A B ...; drop --teacher")
+    config = config_from_args(args)
+    rows = rank_teacher_candidates(
+        config,
+        args.teachers,
+        args.output_dir,
+        num_samples=args.num_samples,
+        num_heldout=args.num_heldout,
+        batch_size=args.batch_size,
+        tau=args.tau,
+    )
+    out = Path(args.output_dir)
+    record = json.loads((out / RANK_JSON).read_text(encoding="utf-8"))
+    print(
+        f"{len(rows)} teachers on {rows[0]['num_train']} images of {config.dataset}[{record['split']}] and "
+        f"{rows[0]['num_heldout']} held-out images ({record['heldout_split']}), tau {args.tau:g}"
+    )
+    print(format_ranking_table(rows))
+    for r in rows:
+        print(f"{r['rank']}. {r['name']}: {r['method']}: {r['method_reason']}")
+        print(f"   train with: {_train_with(r)}")
+        if r.get("ats_alternative"):
+            alt = {**r, "method": "ats", "method_kwargs": r["ats_alternative"]}
+            print(f"   or with ATS at this teacher's suggested temperatures: {_train_with(alt)}")
+    print(f"plot: {out / RANK_PLOT}\nrecord: {out / RANK_JSON}")
+    return 0
+
+
+def _add_rank_teachers(subparsers: argparse._SubParsersAction, argv: Sequence[str]) -> None:
+    p = subparsers.add_parser(
+        "rank-teachers",
+        help="rank candidate teachers by a score that predicts how well each teaches, before training",
+        formatter_class=HelpFormatter,
+        description=(
+            "Run each candidate teacher (evaluation transform) once over a seeded sample of the training "
+            "split and once over held-out images (--val-split, or --val-fraction of the training split), "
+            "then print timm_kd.ranking's statistics (held-out top-1, NLL and calibration error; "
+            "training-set max probability, wrong-class spread and dark knowledge at --tau), the score "
+            "score = held-out top-1 x dark knowledge (higher predicts a better KD student; "
+            "docs/ranking.md), the rank, and a suggested method with the flags to train with it. Saves "
+            "OUTPUT_DIR/rank_teachers.json and OUTPUT_DIR/rank_teachers.png (score against held-out "
+            "top-1). The data flags are those of `timm-kd train`; the teacher input flags apply to "
+            "every candidate."
+        ),
+    )
+    g = p.add_argument_group("rank-teachers")
+    g.add_argument(
+        "--teachers",
+        nargs="+",
+        required=True,
+        metavar="TEACHER",
+        help="the candidates: timm names with their pretrained tag, hf-hub:org/name, local-dir:FOLDER, a "
+        "model or run folder, or ARCH=WEIGHTS.safetensors",
+    )
+    g.add_argument("--num-samples", type=int, default=2000, help="training images each teacher sees")
+    g.add_argument("--num-heldout", type=int, default=2000, help="held-out images each teacher sees")
+    g.add_argument(
+        "--tau", type=float, default=4.0, help="temperature of the training-set statistics (KD's 4)"
+    )
+    g.add_argument("--batch-size", type=int, default=64, help="teacher batch size")
+    g.add_argument(
+        "--output-dir", default="runs/rank_teachers", help="folder for the plot and the JSON record"
+    )
+    add_train_args(p, only_groups=DIAGNOSE_GROUPS, teacher=None)  # the candidates are --teachers
+    p.set_defaults(func=cmd_rank_teachers)
+
+
+# --------------------------------------------------------------------------------------------------
 # errors, parser, entry point
 # --------------------------------------------------------------------------------------------------
 
@@ -406,6 +496,7 @@ def exit_on_error(func: Callable[[], Any], prog: str) -> int:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction, Sequence[str]], None]] = [
     _add_train,
     _add_diagnose,
+    _add_rank_teachers,
     _add_push,
     _add_list_losses,
     _add_cache_teacher,
@@ -416,8 +507,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``timm-kd`` parser; ``argv`` (default: none) lets ``train`` show a recipe's defaults."""
     parser = argparse.ArgumentParser(
         prog="timm-kd",
-        description="Knowledge distillation for timm models: train students, diagnose teachers, publish "
-        "students, inspect the loss registry. `timm-kd COMMAND --help` describes each command.",
+        description="Knowledge distillation for timm models: train students, diagnose and rank teachers, "
+        "publish students, inspect the loss registry. `timm-kd COMMAND --help` describes each command.",
     )
     parser.add_argument("--version", action="version", version=f"timm-kd {__version__}")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
@@ -435,6 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader left (`timm-kd list-losses -v | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         if not is_user_error(e):
             raise

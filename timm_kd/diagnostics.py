@@ -50,6 +50,8 @@ __all__ = [
     "TeacherAtChanceError",
     "suggest_ats_temperatures",
     "uninformative_teacher",
+    "check_teacher_logits",
+    "chance_bound",
 ]
 
 #: The temperature grid of the paper's Figure 7 (authors' ``plot_fig7_fig13.py``).
@@ -70,7 +72,7 @@ _PER_SAMPLE_KEYS = (
 )
 
 
-def _check_inputs(teacher_logits: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def check_teacher_logits(teacher_logits: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher logits as float64 ``[N, C]`` and labels ``[N]``, with errors that say what to fix."""
     z = torch.as_tensor(teacher_logits)
     if z.dim() != 2 or z.shape[0] < 1:
@@ -180,7 +182,7 @@ def wrong_class_stats(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
     t1 = _check_tau("tau_correct", tau_correct)
     t2 = _check_tau("tau_wrong", tau_wrong)
-    z, labels = _check_inputs(teacher_logits, target)
+    z, labels = check_teacher_logits(teacher_logits, target)
     if reduction == "none":
         return _per_sample_stats(z, labels, t1, t2, int(chunk_size))
     return _mean_stats(z, labels, t1, t2, int(chunk_size))
@@ -220,7 +222,7 @@ def temperature_sweep(
     c_scale = _check_tau("ats_scales[0]", ats_scales[0])
     w_scale = _check_tau("ats_scales[1]", ats_scales[1])
     grid = [_check_tau("taus", t) for t in taus]
-    z, labels = _check_inputs(teacher_logits, target)
+    z, labels = check_teacher_logits(teacher_logits, target)
     rows = []
     for tau in grid:
         for method, t1, t2 in (("TS", tau, tau), ("ATS", c_scale * tau, w_scale * tau)):
@@ -337,6 +339,14 @@ class TeacherAtChanceError(ValueError):
 _UNIFORM_INFO_SHARE = 0.01
 
 
+def chance_bound(num_classes: int, num_samples: int) -> float:
+    """The top-1 (a fraction) a teacher must reach on ``num_samples`` to be clearly above chance
+    ``p0 = 1 / num_classes``: ``p0 + max(3 sd, min(p0, (1 - p0) / 4))`` with the binomial
+    ``sd = sqrt(p0 (1 - p0) / num_samples)``; twice chance for many classes, 62.5 % for two."""
+    p0 = 1.0 / max(int(num_classes), 1)
+    return p0 + max(3.0 * math.sqrt(p0 * (1.0 - p0) / max(int(num_samples), 1)), min(p0, (1.0 - p0) / 4.0))
+
+
 def uninformative_teacher(
     teacher_logits: torch.Tensor, target: torch.Tensor, *, tau: float = 1.0
 ) -> str | None:
@@ -355,11 +365,11 @@ def uninformative_teacher(
     A wrong class order (class map), input size or normalization, untrained weights or logits
     taken in train mode land here; a trained teacher is far from both bounds.
     """
-    z, labels = _check_inputs(teacher_logits, target)
+    z, labels = check_teacher_logits(teacher_logits, target)
     N, C = z.shape
     p0 = 1.0 / C
     top1 = float((z.argmax(dim=-1) == labels).double().mean())
-    bound = p0 + max(3.0 * math.sqrt(p0 * (1.0 - p0) / N), min(p0, (1.0 - p0) / 4.0))
+    bound = chance_bound(C, N)
     if top1 < bound:
         return (
             f"its top-1 on these {N} samples is {100 * top1:.2f} %, not clearly above chance "
@@ -473,7 +483,7 @@ def suggest_ats_temperatures(
         TeacherAtChanceError: (a ``ValueError``) with ``check_teacher``, when the sampled logits
             are uninformative; the message says which test failed and what to check.
     """
-    z, labels = _check_inputs(teacher_logits, target)
+    z, labels = check_teacher_logits(teacher_logits, target)
     lo, hi = _check_suggestion_args(z.shape[1], label_prob, tau_range, min_ratio, num_ratios, max_flip_rate)
     N = z.shape[0]
     if N > max_samples:

@@ -46,7 +46,9 @@ models, the wrapper, optimizer, scheduler), ``loop`` (train, evaluate, ``fit``),
 resume), ``resume`` (flags changed on resume), ``summary`` (the run folder, ``publish``),
 ``cache_teacher`` (building a teacher cache, a sibling of ``fit``), ``checks``
 (``check_config``), ``recipes`` (the recipes' defaults, ``teacher_stage``), ``diagnose`` (a
-teacher's logits on the training data and the ATS diagnostics: ``timm-kd diagnose``).
+teacher's logits on the training data and the ATS diagnostics: ``timm-kd diagnose``; candidate
+teachers ranked by their statistics: ``timm-kd rank-teachers``), ``teacher_check`` (the teacher
+check before training: chance level, calibration).
 
 The names below are imported on first use (PEP 562): ``config`` and ``args`` import no torch, so
 a parser and its ``--help`` are built without it.
@@ -82,12 +84,13 @@ if TYPE_CHECKING:  # the static view of the lazy names below (and the import gra
         TrainConfig,
         TrainingDivergedError,
     )
-    from .diagnose import collect_teacher_logits, diagnose_teacher
+    from .diagnose import collect_teacher_logits, diagnose_teacher, rank_teacher_candidates
     from .evaluate import evaluate_model, teacher_is_at_chance
     from .loop import TARGET_FLIP_WARNING, fit
     from .recipes import RECIPES, recipe_defaults, teacher_stage
     from .setup import build_accelerator
     from .summary import PREDICTIONS_FILE, STUDENT_DIR, SUMMARY_FILE, publish
+    from .teacher_check import LOW_DARK_KNOWLEDGE
 
 #: public name -> the engine module that defines it
 _LAZY = {
@@ -118,6 +121,7 @@ _LAZY = {
     "TrainingDivergedError": "config",
     "collect_teacher_logits": "diagnose",
     "diagnose_teacher": "diagnose",
+    "rank_teacher_candidates": "diagnose",
     "evaluate_model": "evaluate",
     "teacher_is_at_chance": "evaluate",
     "TARGET_FLIP_WARNING": "loop",
@@ -130,6 +134,7 @@ _LAZY = {
     "STUDENT_DIR": "summary",
     "SUMMARY_FILE": "summary",
     "publish": "summary",
+    "LOW_DARK_KNOWLEDGE": "teacher_check",
 }
 
 
@@ -150,6 +155,7 @@ __all__ = [
     "teacher_stage",
     "collect_teacher_logits",
     "diagnose_teacher",
+    "rank_teacher_candidates",
     "evaluate_model",
     "add_train_args",
     "config_from_args",
@@ -171,6 +177,7 @@ __all__ = [
     "cache_build_kwargs",
     "HelpFormatter",
     "TARGET_FLIP_WARNING",
+    "LOW_DARK_KNOWLEDGE",
     "CHECKPOINT_DIR",
     "STATE_FILE",
     "SUMMARY_FILE",

@@ -353,6 +353,7 @@ class EvalResult:
     metrics: dict[str, float]  # {"top1": %, "top5": %, "num_samples": n}
     topk: torch.Tensor  # [N, k] class ids ranked best first (CPU)
     labels: torch.Tensor  # [N] (CPU)
+    per_sample: dict[str, torch.Tensor] | None = None  # {name: [N]} (evaluate_model(per_sample=...))
 
 
 @dataclass

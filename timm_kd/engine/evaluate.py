@@ -1,14 +1,15 @@
-"""Evaluation: top-k accuracy gathered from every rank, and the chance-level test of a teacher."""
+"""Evaluation: top-k accuracy (and, on request, per-sample statistics) gathered from every rank, and the
+chance-level test of a teacher."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..diagnostics import chance_bound
 from .config import EvalResult
 
 __all__ = ["evaluate_model", "teacher_is_at_chance"]
@@ -25,14 +26,18 @@ def evaluate_model(
     k: int = 5,
     desc: str = "eval",
     progress: bool = True,
+    per_sample: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> EvalResult:
     """Top-1/top-k of ``forward(images) -> logits`` over ``loader`` (prepared), gathered from all ranks.
 
     Each rank ranks its own logits (``topk``), the ranked ids and labels are gathered with
     ``accelerator.gather_for_metrics`` (which drops the samples Accelerate duplicated to even out
     the last batch), and the shipped ``evaluate`` metric computes the accuracies on every rank.
+    ``per_sample(logits, labels) -> {name: [B] tensor}``, when given, runs on each batch and its
+    tensors are gathered the same way (``EvalResult.per_sample``, ``[N]`` each on the CPU of every
+    rank): the teacher check's calibration and dark knowledge, without keeping the logits.
     """
-    tops, labels = [], []
+    tops, labels, kept = [], [], {}
     total = len(loader) if hasattr(loader, "__len__") else None
     if max_steps is not None:
         total = min(total, max_steps) if total is not None else max_steps
@@ -49,24 +54,23 @@ def evaluate_model(
         top, lab = accelerator.gather_for_metrics((top, batch["label"]))
         tops.append(top.cpu())
         labels.append(lab.cpu())
+        if per_sample is not None:
+            for name, v in accelerator.gather_for_metrics(per_sample(logits.float(), batch["label"])).items():
+                kept.setdefault(name, []).append(v.cpu())
         bar.update(1)
     bar.close()
     topk = torch.cat(tops) if tops else torch.zeros(0, k, dtype=torch.long)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     metrics = metric.compute(predictions=topk.tolist(), references=labels_t.tolist(), k=(1, k))
-    return EvalResult(metrics, topk, labels_t)
+    return EvalResult(metrics, topk, labels_t, {k: torch.cat(v) for k, v in kept.items()} if kept else None)
 
 
 def teacher_is_at_chance(top1: float, num_classes: int, num_samples: int) -> bool:
-    """Whether a top-1 (percent) is not clearly above chance ``100 / num_classes``.
-
-    Threshold: ``max(2 * chance, chance + 3 binomial standard deviations)`` for ``num_samples``;
-    a correctly loaded pretrained teacher is far above it, a wrong class map or normalization
-    lands near chance.
-    """
-    p0 = 1.0 / max(num_classes, 1)
-    sd = math.sqrt(p0 * (1 - p0) / max(num_samples, 1))
-    return top1 / 100.0 < max(2 * p0, p0 + 3 * sd)
+    """Whether a top-1 (percent) is not clearly above chance: under
+    ``timm_kd.diagnostics.chance_bound``, the bound ``timm-kd diagnose`` and ``rank-teachers`` use.
+    A correctly loaded pretrained teacher is far above it; a wrong class map or normalization lands
+    near chance."""
+    return top1 / 100.0 < chance_bound(num_classes, num_samples)
 
 
 def format_metrics(metrics: dict[str, float] | None) -> str:

@@ -41,22 +41,21 @@ from timm.data.mixup import one_hot
 from timm.utils import dispatch_clip_grad
 from tqdm.auto import tqdm
 
-from ..cache import CachedTeacher
 from ..losses import cross_entropy
 from .args import config_from_args
 from .checkpoint import WEIGHT_GROWTH_LIMIT, nonfinite_state, save_checkpoint, state_json, weights_absmax
 from .checks import check_config
 from .config import (
-    BrokenTeacherError,
     EvalResult,
     FitResult,
     TrainConfig,
     TrainingDivergedError,
 )
-from .evaluate import evaluate_model, format_metrics, metric_floats, teacher_is_at_chance
+from .evaluate import evaluate_model, format_metrics, metric_floats
 from .processes import RunStoppedError, StopMonitor, check_processes, lock_output_dir
 from .setup import Run, build_accelerator, setup_run
 from .summary import finish, teacher_record, write_run_config
+from .teacher_check import check_teacher
 
 __all__ = ["fit", "TARGET_FLIP_WARNING"]
 
@@ -88,76 +87,6 @@ def _reseed(seed: int, rank: int, epoch: int, batch_idx: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Checks during the run
 # --------------------------------------------------------------------------------------------------
-
-
-def _cached_teacher_report(run: Run, teacher: CachedTeacher) -> tuple[str, float, int, str, str]:
-    """A cached teacher's top-1 on the views it cached (from the build): no teacher in memory."""
-    m = teacher.cache.manifest
-    name, top1, n = m["teacher"], float(m["teacher_view_top1"]), int(m["num_rows"])
-    tail = "dropped logits rebuilt flat"
-    if m["top_k"] == m["num_classes"]:
-        tail = "every logit stored"
-    elif teacher.tail_prior is not None:
-        tail = "dropped logits rebuilt from the tail prior"
-    run.log(
-        f"teacher {name} from cache {teacher.cache.root}: top-1 {top1:.2f}% on its {n} cached "
-        f"training views (top-{m['top_k']} logits, {m['bytes_per_view']:.1f} bytes per view; {tail})"
-    )
-    fix = "Rebuild the cache with a trained teacher (pretrained tag or --teacher-checkpoint)."
-    return name, top1, n, f"on its own {n} cached training views", fix
-
-
-def _live_teacher_report(run: Run) -> tuple[str, float, int, str, str]:
-    """A live teacher's top-1 on the validation split (recorded in the run's state)."""
-    config = run.config
-    res = evaluate_model(
-        run.accelerator,
-        run.wrapper.teacher_logits,
-        run.val_loader,
-        run.metric,
-        max_steps=config.max_eval_steps,
-        k=run.k_top,
-        desc="teacher eval",
-        progress=config.progress,
-    )
-    run.state["teacher_metrics"] = metric_floats(res.metrics)
-    name, top1, n = config.teacher, res.metrics["top1"], res.metrics["num_samples"]
-    run.log(f"teacher {name}: {format_metrics(res.metrics)} on {n} {config.val_split} images")
-    sees = run.wrapper.teacher.describe_input(run.data_config["input_size"][-2:])
-    fix = (
-        "Check that the teacher predicts this dataset's classes (--class-map for another label set), "
-        "that its weights loaded (pretrained tag or --teacher-checkpoint), and its input resolution "
-        f"and normalization: {sees}. Give what its weights were trained on with --teacher-input-size, "
-        "--teacher-mean, --teacher-std (--teacher-interpolation), or a timm config.json beside "
-        "--teacher-checkpoint."
-    )
-    return name, top1, n, f"on {config.dataset}[{config.val_split}] ({n} images)", fix
-
-
-def _check_teacher(run: Run, teacher_given: bool) -> None:
-    """Evaluate the teacher once; a teacher at chance level is an error (or a warning)."""
-    config, state = run.config, run.state
-    if run.wrapper is None or state["teacher_metrics"] is not None or config.teacher_check == "off":
-        return
-    if isinstance(run.wrapper.teacher, CachedTeacher):
-        name, top1, n, where, fix = _cached_teacher_report(run, run.wrapper.teacher)
-    else:
-        name, top1, n, where, fix = _live_teacher_report(run)
-    if not teacher_is_at_chance(top1, run.num_classes, n):
-        return
-    msg = (
-        f"broken teacher: {name} reaches top-1 {top1:.2f}% {where}, chance level is "
-        f"{100.0 / run.num_classes:.2f}%; distilling from it would teach noise. {fix} "
-        "--teacher-check warn continues anyway."
-    )
-    mode = config.teacher_check
-    if mode == "auto":
-        trained = teacher_given or config.pretrained_teacher or config.teacher_checkpoint is not None
-        mode = "error" if trained else "warn"
-    if mode == "error":
-        raise BrokenTeacherError(msg)
-    warnings.warn(msg)
-    run.log("WARNING: " + msg)
 
 
 def _warn_long_warmup(run: Run) -> None:
@@ -602,7 +531,7 @@ def _fit(config: TrainConfig, accelerator, stop, student, teacher, card_meta, t_
             k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()
         }
         accelerator.init_trackers(run.out_dir.name or "timm_kd", config=flat)
-    _check_teacher(run, teacher_given=teacher is not None)
+    check_teacher(run, teacher_given=teacher is not None)
     _announce(run)
     _warn_long_warmup(run)
 
