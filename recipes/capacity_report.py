@@ -8,6 +8,7 @@ import json
 import statistics
 
 from timm_kd import ranking
+from timm_kd.losses import standardize_logits
 
 #: the teacher statistics in the report, with their Markdown formats
 TEACHER_COLUMNS = (
@@ -78,7 +79,7 @@ def method_score(teacher, method):
     tau = METHOD_TAU[method]
     z, zh = teacher["logits"], teacher["heldout_logits"]
     if method == "lskd":  # lskd distills z-scored logits
-        z, zh = ((v - v.mean(-1, keepdim=True)) / v.std(-1, keepdim=True) for v in (z, zh))
+        z, zh = standardize_logits(z), standardize_logits(zh)
     stats = ranking.teacher_statistics(z, teacher["train_target"], zh, teacher["heldout_target"], tau=tau)
     return stats["score"]
 

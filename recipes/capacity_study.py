@@ -37,6 +37,7 @@ this machine. Results and what they mean: docs/capacity_study.md.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -161,6 +162,7 @@ def teacher_name(spec):
     return f"{arch}@{epochs}ep" + (f"+ls{ls:g}" if ls else "")
 
 
+@functools.cache
 def n_params(arch):
     return sum(p.numel() for p in timm.create_model(arch, num_classes=100).parameters())
 

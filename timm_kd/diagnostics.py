@@ -41,6 +41,7 @@ import torch
 from .losses import ats_target_probs, label_gap, wrong_class_moments
 
 __all__ = [
+    "ATS_AUTHORS_TAUS",
     "FIG7_TAUS",
     "wrong_class_stats",
     "temperature_sweep",
@@ -53,6 +54,9 @@ __all__ = [
     "check_teacher_logits",
     "chance_bound",
 ]
+
+#: The ATS authors' (τ1, τ2): the argparse defaults of their MindSpore port, and ``ats``'s defaults.
+ATS_AUTHORS_TAUS: tuple[float, float] = (4.0, 3.0)
 
 #: The temperature grid of the paper's Figure 7 (authors' ``plot_fig7_fig13.py``).
 FIG7_TAUS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.4) + tuple(0.5 * k for k in range(1, 21))

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .diagnostics import (
+    ATS_AUTHORS_TAUS,
     TeacherAtChanceError,
     check_teacher_logits,
     suggest_ats_temperatures,
@@ -49,6 +50,7 @@ __all__ = [
     "TEACHER_STATS_TAU",
     "LOW_DARK_KNOWLEDGE",
     "dark_knowledge",
+    "wrong_class_entropy",
     "calibration_error",
     "expected_calibration_error",
     "SCORE_DEFINITION",
@@ -105,6 +107,13 @@ def expected_calibration_error(logits: torch.Tensor, target: torch.Tensor, num_b
     return calibration_error(conf, pred == labels, num_bins)
 
 
+def wrong_class_entropy(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample entropy ``H(q̃)`` (nats) of the wrong classes of ``softmax(z)`` renormalised
+    (the label's column removed), for checked, already tempered logits ``z`` ``[N, C]``."""
+    logq = z.scatter(-1, labels.unsqueeze(-1), -math.inf).log_softmax(dim=-1)
+    return -(logq.exp() * logq.nan_to_num(neginf=0.0)).sum(dim=-1)
+
+
 def dark_knowledge(
     logits: torch.Tensor, target: torch.Tensor, tau: float = TEACHER_STATS_TAU, *, chunk_size: int = 4096
 ) -> torch.Tensor:
@@ -121,10 +130,8 @@ def dark_knowledge(
         zc, yc = z[start : start + chunk_size] / tau, labels[start : start + chunk_size]
         idx = yc.unsqueeze(-1)
         q_y = zc.softmax(dim=-1).gather(-1, idx).squeeze(-1)
-        logq_wrong = zc.scatter(-1, idx, -math.inf).log_softmax(dim=-1)
-        h_wrong = -(logq_wrong.exp() * logq_wrong.nan_to_num(neginf=0.0)).sum(dim=-1)
         correct = zc.argmax(dim=-1) == yc
-        out.append(torch.where(correct, (1.0 - q_y) * (math.log(C - 1) - h_wrong), 0.0))
+        out.append(torch.where(correct, (1.0 - q_y) * (math.log(C - 1) - wrong_class_entropy(zc, yc)), 0.0))
     return torch.cat(out)
 
 
@@ -146,8 +153,6 @@ def teacher_statistics(
     """
     z, labels = check_teacher_logits(train_logits, train_target)
     ts = wrong_class_stats(z, labels, tau, tau)
-    logq_wrong = (z / tau).scatter(-1, labels.unsqueeze(-1), -math.inf).log_softmax(dim=-1)
-    h_wrong = -(logq_wrong.exp() * logq_wrong.nan_to_num(neginf=0.0)).sum(dim=-1)
     stats: dict[str, Any] = {
         "tau": float(tau),
         "num_classes": int(z.shape[1]),
@@ -155,8 +160,8 @@ def teacher_statistics(
         "train_top1": 100.0 * float((z.argmax(dim=-1) == labels).double().mean()),
         "train_max_prob": float(z.softmax(dim=-1).amax(dim=-1).mean()),
         "wrong_std": ts["derived_std"],
-        "wrong_entropy": float(h_wrong.mean()),
-        "ats_induced_flip": wrong_class_stats(z, labels, 4.0, 3.0)["induced_flip"],
+        "wrong_entropy": float(wrong_class_entropy(z / tau, labels).mean()),
+        "ats_induced_flip": wrong_class_stats(z, labels, *ATS_AUTHORS_TAUS)["induced_flip"],
         "dark_knowledge": float(dark_knowledge(z, labels, tau).mean()),
     }
     keys = ("heldout_top1", "heldout_nll", "heldout_ece", "num_heldout")

@@ -29,6 +29,7 @@ from accelerate.utils import set_seed
 
 from .. import data as D
 from ..diagnostics import (
+    ATS_AUTHORS_TAUS,
     FIG7_TAUS,
     TeacherAtChanceError,
     format_sweep_table,
@@ -62,8 +63,6 @@ RANK_PLOT = "rank_teachers.png"
 SPLITS = ("train", "val")
 #: the sweep temperatures of the printed table (the JSON record and the plot hold the whole sweep)
 PRINTED_TAUS = (0.5, 1.0, 2.0, 4.0, 8.0)
-#: the ATS authors' temperatures, printed beside the suggestion for comparison
-AUTHORS_TAUS = (4.0, 3.0)
 
 
 def collect_teacher_logits(
@@ -157,11 +156,11 @@ def diagnose_teacher(
         suggestion = suggest_ats_temperatures(logits, labels)
     except TeacherAtChanceError as e:
         suggestion, record["no_suggestion"] = None, str(e)
-    marks = tuple(suggestion) if suggestion is not None else AUTHORS_TAUS
+    marks = tuple(suggestion) if suggestion is not None else ATS_AUTHORS_TAUS
     record["suggestion"] = None if suggestion is None else dataclasses.asdict(suggestion)
     if suggestion is not None:
         record["stats_suggested"] = _floats(wrong_class_stats(logits, labels, *marks))
-    record["stats_authors"] = _floats(wrong_class_stats(logits, labels, *AUTHORS_TAUS))
+    record["stats_authors"] = _floats(wrong_class_stats(logits, labels, *ATS_AUTHORS_TAUS))
     rows = temperature_sweep(logits, labels, FIG7_TAUS, name=_short(config.teacher))
     record["sweep"] = [_floats(r) for r in rows]
     record["table"] = format_sweep_table([r for r in rows if r["tau"] in PRINTED_TAUS])

@@ -4,7 +4,7 @@ chance-level test of a teacher."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -12,7 +12,10 @@ from tqdm.auto import tqdm
 from ..diagnostics import chance_bound
 from .config import EvalResult
 
-__all__ = ["evaluate_model", "teacher_is_at_chance"]
+if TYPE_CHECKING:
+    from .setup import Run
+
+__all__ = ["evaluate_model", "evaluate_on_val", "teacher_is_at_chance"]
 
 
 @torch.no_grad()
@@ -63,6 +66,25 @@ def evaluate_model(
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     metrics = metric.compute(predictions=topk.tolist(), references=labels_t.tolist(), k=(1, k))
     return EvalResult(metrics, topk, labels_t, {k: torch.cat(v) for k, v in kept.items()} if kept else None)
+
+
+def evaluate_on_val(
+    run: Run, forward: Callable[[torch.Tensor], torch.Tensor], desc: str, **kwargs: Any
+) -> EvalResult:
+    """``evaluate_model`` of ``forward`` over the run's evaluation split, with the run's settings
+    (``--max-eval-steps``, its top-k, progress bars); ``kwargs`` go to ``evaluate_model``."""
+    config = run.config
+    return evaluate_model(
+        run.accelerator,
+        forward,
+        run.val_loader,
+        run.metric,
+        max_steps=config.max_eval_steps,
+        k=run.k_top,
+        desc=desc,
+        progress=config.progress,
+        **kwargs,
+    )
 
 
 def teacher_is_at_chance(top1: float, num_classes: int, num_samples: int) -> bool:

@@ -51,7 +51,7 @@ from .config import (
     TrainConfig,
     TrainingDivergedError,
 )
-from .evaluate import evaluate_model, format_metrics, metric_floats
+from .evaluate import evaluate_on_val, format_metrics, metric_floats
 from .processes import RunStoppedError, StopMonitor, check_processes, lock_output_dir
 from .setup import Run, build_accelerator, setup_run
 from .summary import finish, teacher_record, write_run_config
@@ -407,16 +407,7 @@ def _evaluate_epoch(run: Run, train_means: dict[str, float]) -> EvalResult:
     epoch = state["epoch"]
     model = run.model_ema.module if run.model_ema is not None else run.student
     model.eval()
-    res = evaluate_model(
-        acc,
-        model,
-        run.val_loader,
-        run.metric,
-        max_steps=config.max_eval_steps,
-        k=run.k_top,
-        desc=f"eval epoch {epoch + 1}",
-        progress=config.progress,
-    )
+    res = evaluate_on_val(run, model, f"eval epoch {epoch + 1}")
     m = metric_floats(res.metrics)
     state["history"].append(
         {"epoch": epoch + 1, "global_step": state["global_step"], **m, "train": train_means}

@@ -38,7 +38,7 @@ from ..models import unwrap_model
 from ..version import __version__
 from .checkpoint import write_json_atomic
 from .config import EvalResult, FitResult, TrainConfig
-from .evaluate import evaluate_model, format_metrics, metric_floats
+from .evaluate import evaluate_on_val, format_metrics, metric_floats
 
 __all__ = [
     "finish",
@@ -214,16 +214,7 @@ def finish(run, last_eval: EvalResult | None, t_start: float, card_meta: dict[st
     final = unwrap_model(acc.unwrap_model(run.model_ema.module if run.model_ema is not None else run.student))
     final.eval()
     if last_eval is None:  # resumed a run that had already finished: evaluate once more
-        last_eval = evaluate_model(
-            acc,
-            final,
-            run.val_loader,
-            run.metric,
-            max_steps=config.max_eval_steps,
-            k=run.k_top,
-            desc="eval",
-            progress=config.progress,
-        )
+        last_eval = evaluate_on_val(run, final, "eval")
     metrics = metric_floats(last_eval.metrics)
     meta = _card_meta(run, metrics, card_meta)
     summary = {

@@ -27,7 +27,7 @@ import torch
 from ..cache import CachedTeacher
 from ..ranking import LOW_DARK_KNOWLEDGE, TEACHER_STATS_TAU, calibration_error, dark_knowledge
 from .config import BrokenTeacherError
-from .evaluate import evaluate_model, format_metrics, metric_floats, teacher_is_at_chance
+from .evaluate import evaluate_on_val, format_metrics, metric_floats, teacher_is_at_chance
 from .setup import Run
 
 __all__ = [
@@ -103,17 +103,7 @@ def _cached_teacher_report(run: Run, teacher: CachedTeacher) -> tuple[str, float
 def _live_teacher_report(run: Run) -> tuple[str, float, int, str, str]:
     """A live teacher's top-1 and calibration on the validation split (recorded in the run's state)."""
     config = run.config
-    res = evaluate_model(
-        run.accelerator,
-        run.wrapper.teacher_logits,
-        run.val_loader,
-        run.metric,
-        max_steps=config.max_eval_steps,
-        k=run.k_top,
-        desc="teacher eval",
-        progress=config.progress,
-        per_sample=teacher_sample_stats,
-    )
+    res = evaluate_on_val(run, run.wrapper.teacher_logits, "teacher eval", per_sample=teacher_sample_stats)
     calibration = teacher_calibration(res.per_sample or {})
     run.state["teacher_metrics"] = {**metric_floats(res.metrics), **calibration}
     name, top1, n = config.teacher, res.metrics["top1"], res.metrics["num_samples"]
